@@ -1,0 +1,92 @@
+"""Admin API: the pool's accounts (never a credential) and operator control."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter
+
+from app.admin.deps import ServicesDep, SessionDep
+from app.state import Services
+from pool import accounts as account_repo
+from pool.models import UpstreamAccount
+
+router = APIRouter(tags=["accounts"])
+
+
+def _iso(epoch: float | None) -> str | None:
+    return datetime.fromtimestamp(epoch, UTC).isoformat() if epoch else None
+
+
+async def account_views(services: Services, rows: list[UpstreamAccount]) -> list[dict[str, Any]]:
+    """DB rows joined with the live pool state in Redis."""
+    now = time.time()
+    states = await services.scheduler.states([r.id for r in rows], now)
+    views = []
+    for row in rows:
+        state = states.get(row.id)
+        status = row.status
+        reason: str | None = None
+        until: str | None = None
+        if status == "active" and state is not None and state.quarantined:
+            status = "quarantined"
+            reason = state.reason
+            until = _iso(state.until)
+        headroom = {}
+        if state is not None:
+            for family, fam in state.headroom.items():
+                headroom[family] = {
+                    "limit": fam.limit,
+                    "remaining": fam.remaining,
+                    "reset": _iso(fam.reset),
+                }
+        views.append(
+            {
+                "id": row.id,
+                "name": row.name,
+                "group": row.group,
+                "base_url": row.base_url,
+                "models": row.models,
+                "max_concurrency": row.max_concurrency,
+                "weight": row.weight,
+                "status": status,
+                "quarantine_reason": reason,
+                "quarantined_until": until,
+                "in_flight": state.in_flight if state is not None else 0,
+                "headroom": headroom,
+                "score": state.score if state is not None else None,
+                "last_error": (state.last_error if state is not None and state.last_error else row.last_error),
+                "fingerprint": row.fingerprint,
+                "created_at": row.created_at,
+            }
+        )
+    return views
+
+
+@router.get("/admin/accounts")
+async def list_accounts(services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    rows = await account_repo.list_accounts(session)
+    return {"items": await account_views(services, rows), "next_cursor": None}
+
+
+@router.get("/admin/accounts/{account_id}")
+async def get_account(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    row = await account_repo.find_account(session, account_id)
+    return (await account_views(services, [row]))[0]
+
+
+@router.post("/admin/accounts/{account_id}/enable")
+async def enable(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    row = await account_repo.set_status(session, account_id, "active")
+    await services.scheduler.clear_quarantine(row.id)
+    services.directory.invalidate()
+    return (await account_views(services, [row]))[0]
+
+
+@router.post("/admin/accounts/{account_id}/disable")
+async def disable(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    row = await account_repo.set_status(session, account_id, "disabled")
+    services.directory.invalidate()
+    return (await account_views(services, [row]))[0]

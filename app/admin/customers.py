@@ -1,0 +1,192 @@
+"""Admin API: customers, their keys, top-ups, adjustments and the ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.admin.deps import (
+    Cursor,
+    Limit,
+    SessionDep,
+    customer_view,
+    entry_view,
+    key_view,
+    page,
+)
+from billing import customers as customer_svc
+from billing import ledger
+from billing.customers import KeyPolicy
+from billing.errors import InvalidField
+from billing.money import parse_usd
+
+router = APIRouter(tags=["customers"])
+
+Number = str | int | float
+
+
+def _decimal_text(value: Number) -> str:
+    """Money arrives as a decimal string; a JSON number is read by its shortest decimal form."""
+    if isinstance(value, bool):
+        raise InvalidField("amount_usd", "must be a decimal string")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class CustomerCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200)
+    price_multiplier: Number | None = None
+
+
+class CustomerPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    status: str | None = None
+    price_multiplier: Number | None = None
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(default="default", min_length=1, max_length=200)
+    rpm: int | None = Field(default=None, ge=1, le=1_000_000)
+    tpm: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    daily_budget_usd: Number | None = None
+    monthly_budget_usd: Number | None = None
+    budget_action: str = "block"
+    downgrade_model: str | None = Field(default=None, max_length=200)
+    allowed_models: list[str] | None = None
+    expires_at: datetime | None = None
+
+
+class MoneyMove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    amount_usd: Number
+    memo: str | None = Field(default=None, max_length=500)
+
+
+def _budget(value: Number | None, field: str) -> int | None:
+    if value is None:
+        return None
+    return parse_usd(_decimal_text(value), field=field)
+
+
+@router.post("/admin/customers", status_code=201)
+async def create_customer(body: CustomerCreate, session: SessionDep) -> dict[str, Any]:
+    multiplier = _decimal_text(body.price_multiplier) if body.price_multiplier is not None else "1"
+    customer = await customer_svc.create_customer(session, body.name, multiplier)
+    return customer_view(customer)
+
+
+@router.get("/admin/customers")
+async def list_customers(session: SessionDep, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+    rows = await customer_svc.list_customers(session, after_id=cursor, limit=limit)
+    return page([customer_view(c) for c in rows], limit, "id")
+
+
+@router.get("/admin/customers/{customer_id}")
+async def get_customer(customer_id: str, session: SessionDep) -> dict[str, Any]:
+    return customer_view(await customer_svc.get_customer(session, customer_id))
+
+
+@router.patch("/admin/customers/{customer_id}")
+async def patch_customer(customer_id: str, body: CustomerPatch, session: SessionDep) -> dict[str, Any]:
+    customer = await customer_svc.update_customer(
+        session,
+        customer_id,
+        name=body.name,
+        status=body.status,
+        price_multiplier=_decimal_text(body.price_multiplier) if body.price_multiplier is not None else None,
+    )
+    return customer_view(customer)
+
+
+@router.post("/admin/customers/{customer_id}/keys", status_code=201)
+async def create_key(customer_id: str, body: KeyCreate, session: SessionDep) -> dict[str, Any]:
+    if body.allowed_models is not None and any(not m.strip() for m in body.allowed_models):
+        raise InvalidField("allowed_models", "must be a list of model ids or patterns")
+    expires = body.expires_at
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=UTC)
+    policy = KeyPolicy(
+        rpm=body.rpm,
+        tpm=body.tpm,
+        daily_budget_micros=_budget(body.daily_budget_usd, "daily_budget_usd"),
+        monthly_budget_micros=_budget(body.monthly_budget_usd, "monthly_budget_usd"),
+        budget_action=body.budget_action,
+        downgrade_model=body.downgrade_model,
+        allowed_models=body.allowed_models,
+        expires_at=expires,
+    )
+    row, plaintext = await customer_svc.create_key(session, customer_id, body.name, policy)
+    view = key_view(row)
+    view["key"] = plaintext
+    return view
+
+
+@router.get("/admin/customers/{customer_id}/keys")
+async def list_keys(
+    customer_id: str, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> dict[str, Any]:
+    rows = await customer_svc.list_keys(session, customer_id, after_id=cursor, limit=limit)
+    return page([key_view(k) for k in rows], limit, "id")
+
+
+@router.delete("/admin/keys/{key_id}")
+async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
+    return key_view(await customer_svc.revoke_key(session, key_id))
+
+
+@router.post("/admin/customers/{customer_id}/topups", status_code=201)
+async def topup(
+    customer_id: str,
+    body: MoneyMove,
+    session: SessionDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict[str, Any]:
+    await customer_svc.get_customer(session, customer_id)
+    amount = parse_usd(_decimal_text(body.amount_usd), field="amount_usd")
+    entry, created = await ledger.credit(
+        session, customer_id, "topup", amount, memo=body.memo, idempotency_key=idempotency_key
+    )
+    if not created:
+        response.headers["idempotent-replayed"] = "true"
+    return entry_view(entry)
+
+
+@router.post("/admin/customers/{customer_id}/adjustments", status_code=201)
+async def adjustment(
+    customer_id: str,
+    body: MoneyMove,
+    session: SessionDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict[str, Any]:
+    await customer_svc.get_customer(session, customer_id)
+    if not body.memo or not body.memo.strip():
+        raise InvalidField("memo", "an adjustment needs a memo saying why")
+    amount = parse_usd(_decimal_text(body.amount_usd), field="amount_usd", allow_negative=True)
+    entry, created = await ledger.credit(
+        session, customer_id, "adjustment", amount, memo=body.memo, idempotency_key=idempotency_key
+    )
+    if not created:
+        response.headers["idempotent-replayed"] = "true"
+    return entry_view(entry)
+
+
+@router.get("/admin/customers/{customer_id}/ledger")
+async def customer_ledger(
+    customer_id: str, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> dict[str, Any]:
+    await customer_svc.get_customer(session, customer_id)
+    try:
+        before = int(cursor) if cursor else None
+    except ValueError:
+        raise InvalidField("cursor", "is not a cursor this API returned") from None
+    rows = await ledger.entries(session, customer_id, before_id=before, limit=limit)
+    return page([entry_view(e) for e in rows], limit, "id")

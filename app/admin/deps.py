@@ -1,0 +1,94 @@
+"""Shared pieces of the admin API: dependencies, pagination and the JSON views."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import check_admin
+from app.state import Services
+from billing.customers import multiplier_of
+from billing.ledger import Entry
+from billing.models import Customer, CustomerKey
+from billing.money import format_multiplier, format_usd
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def require_admin(request: Request) -> None:
+    check_admin(request.headers, get_services(request).admin_digest)
+
+
+async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
+    """One transaction per admin request: services flush, this commits."""
+    async with services.db.transaction() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+Limit = Annotated[int, Query(ge=1, le=100)]
+Cursor = Annotated[str | None, Query(max_length=200)]
+
+
+def page(items: list[dict[str, Any]], limit: int, cursor_of: str) -> dict[str, Any]:
+    next_cursor = str(items[-1][cursor_of]) if len(items) == limit else None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def customer_view(customer: Customer) -> dict[str, Any]:
+    return {
+        "id": customer.id,
+        "name": customer.name,
+        "status": customer.status,
+        "price_multiplier": format_multiplier(multiplier_of(customer)),
+        "balance_usd": format_usd(customer.balance_micros),
+        "held_usd": format_usd(customer.held_micros),
+        "available_usd": format_usd(customer.balance_micros - customer.held_micros),
+        "created_at": customer.created_at,
+    }
+
+
+def _usd(micros: int | None) -> str | None:
+    return format_usd(micros) if micros is not None else None
+
+
+def key_view(key: CustomerKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "customer_id": key.customer_id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "status": key.status,
+        "rpm": key.rpm,
+        "tpm": key.tpm,
+        "daily_budget_usd": _usd(key.daily_budget_micros),
+        "monthly_budget_usd": _usd(key.monthly_budget_micros),
+        "budget_action": key.budget_action,
+        "downgrade_model": key.downgrade_model,
+        "allowed_models": key.allowed_models,
+        "expires_at": key.expires_at,
+        "created_at": key.created_at,
+        "last_used_at": key.last_used_at,
+    }
+
+
+def entry_view(entry: Entry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "customer_id": entry.customer_id,
+        "kind": entry.kind,
+        "amount_usd": format_usd(entry.amount_micros),
+        "balance_after_usd": format_usd(entry.balance_after_micros),
+        "request_id": entry.request_id,
+        "memo": entry.memo,
+        "created_at": entry.created_at,
+    }

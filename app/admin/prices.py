@@ -1,0 +1,27 @@
+"""Admin API: prices (USD per million tokens as decimal strings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body
+
+from app.admin.deps import ServicesDep, SessionDep
+from billing import prices as price_repo
+
+router = APIRouter(tags=["prices"])
+
+
+@router.get("/admin/prices")
+async def list_prices(session: SessionDep) -> dict[str, Any]:
+    rows = await price_repo.list_prices(session)
+    return {"items": [price_repo.price_view(r) for r in rows], "next_cursor": None}
+
+
+@router.put("/admin/prices/{model:path}")
+async def put_price(
+    model: str, services: ServicesDep, session: SessionDep, body: dict[str, Any] = Body(...)
+) -> dict[str, Any]:
+    row = await price_repo.upsert_price(session, model, body)
+    services.prices.invalidate()
+    return price_repo.price_view(row)

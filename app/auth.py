@@ -1,0 +1,115 @@
+"""Authentication: customer keys for ``/v1/*`` and the admin token for ``/admin/*``.
+
+Customer keys come in ``x-api-key`` or ``Authorization: Bearer`` (Claude Code uses either). A
+lookup is cached per process for ``auth_cache_seconds`` (≤ 1 s), so a revocation or a suspension
+reaches every relay process within a second without a database read per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+from app import errors
+from app.db import Database
+from app.meta import AppMeta
+from billing import customers
+from billing.customers import KeyContext
+
+
+def credential_from(headers: Mapping[str, str]) -> str | None:
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return None
+
+
+class KeyAuthenticator:
+    def __init__(self, db: Database, *, cache_seconds: float) -> None:
+        self._db = db
+        self._ttl = cache_seconds
+        self._cache: dict[str, tuple[float, KeyContext | None]] = {}
+
+    async def authenticate(self, headers: Mapping[str, str]) -> KeyContext:
+        """The key's context, or ApiError 401/403."""
+        plaintext = credential_from(headers)
+        if not plaintext:
+            raise errors.authentication("x-api-key header is required")
+        if not customers.looks_like_key(plaintext):
+            raise errors.authentication("invalid x-api-key")
+        ctx = await self._lookup(plaintext)
+        if ctx is None or ctx.key_status != "active":
+            raise errors.authentication("invalid x-api-key")
+        if ctx.expires_at is not None and _aware(ctx.expires_at) <= datetime.now(UTC):
+            raise errors.authentication("this API key has expired")
+        if ctx.customer_status != "active":
+            raise errors.ApiError(
+                403, "permission_error", "This customer account is suspended.", {"x-should-retry": "false"}
+            )
+        return ctx
+
+    async def _lookup(self, plaintext: str) -> KeyContext | None:
+        now = time.monotonic()
+        cached = self._cache.get(plaintext)
+        if cached is not None and now - cached[0] < self._ttl:
+            return cached[1]
+        async with self._db.transaction() as session:
+            ctx = await customers.lookup_key(session, plaintext)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[plaintext] = (now, ctx)
+        return ctx
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# --- the admin token -------------------------------------------------------------------------
+
+ADMIN_TOKEN_META = "admin_token_sha256"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def ensure_admin_token(db: Database, configured: str | None) -> tuple[str, str | None]:
+    """Returns (digest to check against, token to print once or None).
+
+    A configured ``ADMIN_TOKEN`` wins. Otherwise the digest stored on first start is used; when
+    there is none, a token is generated, its digest stored, and the token returned for printing.
+    """
+    if configured:
+        return _digest(configured), None
+    async with db.transaction() as session:
+        row = await session.get(AppMeta, ADMIN_TOKEN_META)
+        if row is not None:
+            return row.value, None
+        token = "pra-" + secrets.token_urlsafe(32)
+        session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
+    return _digest(token), token
+
+
+async def reset_admin_token(db: Database) -> str:
+    token = "pra-" + secrets.token_urlsafe(32)
+    async with db.transaction() as session:
+        await session.execute(sa.delete(AppMeta.__table__).where(AppMeta.__table__.c.key == ADMIN_TOKEN_META))  # type: ignore[attr-defined]
+        session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
+    return token
+
+
+def check_admin(headers: Mapping[str, str], digest: str) -> None:
+    auth = headers.get("authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-admin-token", "")
+    if not token or not hmac.compare_digest(_digest(token), digest):
+        raise errors.authentication("a valid admin token is required (Authorization: Bearer <token>)")

@@ -1,0 +1,91 @@
+"""Database engines and sessions.
+
+One async engine per process (aiosqlite for SQLite, psycopg 3 for PostgreSQL). Services flush,
+the caller commits: ``Database.transaction()`` is the unit of work. On SQLite every transaction
+starts with ``BEGIN IMMEDIATE`` under an in-process lock, so concurrent writers queue instead of
+failing with "database is locked"; other processes (the CLI) wait through ``busy_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy async URL for a contract-style database URL."""
+    if url.startswith("sqlite+aiosqlite://"):
+        return url
+    if url.startswith("sqlite://"):
+        return "sqlite+aiosqlite://" + url[len("sqlite://") :]
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"unsupported database URL scheme: {url.split(':', 1)[0]}")
+
+
+def sync_url(url: str) -> str:
+    """The SQLAlchemy sync URL (Alembic runs synchronously)."""
+    url = async_url(url)
+    if url.startswith("sqlite+aiosqlite://"):
+        return "sqlite://" + url[len("sqlite+aiosqlite://") :]
+    return url
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    aurl = async_url(url)
+    if aurl.startswith("sqlite"):
+        engine = create_async_engine(aurl)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    return create_async_engine(
+        aurl, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False
+    )
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size=pool_size)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = asyncio.Lock() if self.is_sqlite else None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        if self._lock is None:
+            async with self._sessions() as session, session.begin():
+                yield session
+            return
+        async with self._lock, self._sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> None:
+        from sqlalchemy import text
+
+        async with self.transaction() as session:
+            await session.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,143 @@
+"""Every error a customer or operator can see, in one table.
+
+Domain errors (``billing.errors``, ``pool.errors``) carry data, never HTTP. :func:`to_api_error`
+maps them, and the relay's own errors (:class:`ApiError`), to an HTTP status, an Anthropic error
+``type`` and a message. :func:`anthropic_response` renders ``{"type":"error","error":{...}}``
+(``/v1/*``, ``/admin/*``); the OpenAI endpoint renders the same table in OpenAI's shape.
+
+::
+
+    ApiError (status, type, message, headers)     raised by app code
+    billing.errors.BillingError ─┐
+    pool.errors.PoolError ───────┴─► to_api_error() ─► ApiError ─► JSON response
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import orjson
+from starlette.responses import Response
+
+from billing import errors as be
+from billing.money import format_usd
+from pool import errors as pe
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        type: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def invalid_request(message: str) -> ApiError:
+    return ApiError(400, "invalid_request_error", message)
+
+
+def authentication(message: str = "invalid x-api-key") -> ApiError:
+    return ApiError(401, "authentication_error", message)
+
+
+def permission(message: str) -> ApiError:
+    return ApiError(403, "permission_error", message)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found_error", message)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_too_large", f"Request exceeds the maximum allowed size of {limit} bytes.")
+
+
+def rate_limited(message: str, retry_after: float, extra: Mapping[str, str] | None = None) -> ApiError:
+    seconds = max(1, min(60, math.ceil(retry_after)))
+    headers = {"retry-after": str(seconds), "x-should-retry": "true", **(extra or {})}
+    return ApiError(429, "rate_limit_error", message, headers)
+
+
+def overloaded(message: str = "No upstream account can serve this request right now.") -> ApiError:
+    return ApiError(529, "overloaded_error", message, {"x-should-retry": "true"})
+
+
+CREDIT_TOO_LOW = (
+    "Your credit balance is too low to complete this request. "
+    "Please top up your poolrelay balance."
+)
+
+
+def to_api_error(exc: Exception) -> ApiError:
+    """The one table from domain errors to HTTP."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, be.InsufficientBalance):
+        return ApiError(
+            400,
+            "invalid_request_error",
+            f"Your credit balance is too low to access this model: the request may cost up to "
+            f"{format_usd(exc.needed_micros)} USD and {format_usd(max(exc.available_micros, 0))} "
+            "USD is available. Please top up your poolrelay balance.",
+            {"x-should-retry": "false"},
+        )
+    if isinstance(exc, be.CustomerSuspended):
+        return ApiError(403, "permission_error", "This customer account is suspended.", {"x-should-retry": "false"})
+    if isinstance(exc, be.NoPrice):
+        return invalid_request(f"model: {exc.model!r} is not available on this relay (no price is set for it)")
+    if isinstance(exc, be.BudgetExceeded):
+        return ApiError(
+            403,
+            "permission_error",
+            f"This key's {exc.scope} budget of {format_usd(exc.limit_micros)} USD is exhausted.",
+            {"x-should-retry": "false"},
+        )
+    if isinstance(exc, be.CustomerNotFound):
+        return not_found(f"customer {exc.customer_id!r} not found")
+    if isinstance(exc, be.KeyNotFound):
+        return not_found(f"key {exc.key_id!r} not found")
+    if isinstance(exc, be.IdempotencyConflict):
+        return ApiError(
+            409,
+            "invalid_request_error",
+            "This Idempotency-Key was already used with different parameters.",
+        )
+    if isinstance(exc, be.InvalidAmount):
+        return invalid_request(f"{exc.field}: {exc.reason}")
+    if isinstance(exc, be.InvalidField):
+        return invalid_request(f"{exc.field}: {exc.reason}")
+    if isinstance(exc, pe.NoCapacity):
+        return rate_limited("Every upstream account is at its rate limit; retry shortly.", exc.retry_after)
+    if isinstance(exc, pe.NoAccount):
+        return overloaded()
+    if isinstance(exc, pe.AccountNotFound):
+        return not_found(str(exc))
+    if isinstance(exc, pe.AccountExists):
+        return ApiError(409, "invalid_request_error", str(exc))
+    if isinstance(exc, pe.CredentialError):
+        return invalid_request(str(exc))
+    if isinstance(exc, be.BillingError | pe.PoolError):
+        return invalid_request(str(exc))
+    return ApiError(500, "api_error", "Internal server error")
+
+
+def error_body(err: ApiError, request_id: str | None = None) -> bytes:
+    body: dict[str, object] = {"type": "error", "error": {"type": err.type, "message": err.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return orjson.dumps(body)
+
+
+def anthropic_response(err: ApiError, request_id: str | None = None) -> Response:
+    headers = dict(err.headers)
+    if request_id:
+        headers["x-poolrelay-request-id"] = request_id
+    return Response(error_body(err, request_id), status_code=err.status, headers=headers, media_type="application/json")

@@ -1,0 +1,197 @@
+"""The server's composition root: ``create_app(settings)``.
+
+The customer API is a set of plain Starlette routes (the hot path); the admin API is FastAPI
+(validation and OpenAPI docs at ``/docs``). The lifespan builds the process's services, migrates
+SQLite, makes sure an admin token exists, heart-beats the process's instance id (so that
+reconciliation can tell a crashed process's holds from live ones) and, in embedded mode, runs
+the background jobs on timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app import errors
+from app.admin import accounts as admin_accounts
+from app.admin import customers as admin_customers
+from app.admin import prices as admin_prices
+from app.admin import usage as admin_usage
+from app.admin.deps import require_admin
+from app.auth import ensure_admin_token
+from app.errors import ApiError, to_api_error
+from app.migrate import upgrade
+from app.relay.routes import CustomerApi, customer_routes, json_response
+from app.relay.service import Relay
+from app.settings import Settings
+from app.state import Services, build_services
+from billing.errors import BillingError
+from pool.errors import PoolError
+from workers import tasks
+
+log = logging.getLogger("poolrelay")
+
+
+class SettingsError(RuntimeError):
+    """The configuration cannot run: the message says what to set."""
+
+
+def check_settings(settings: Settings) -> None:
+    problems = settings.production_problems()
+    if problems:
+        raise SettingsError(
+            "poolrelay refuses to start on PostgreSQL without explicit secrets; set " + " and ".join(problems)
+        )
+
+
+async def _every(seconds: float, name: str, job: Callable[[], Awaitable[Any]]) -> None:
+    while True:
+        try:
+            await job()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background job %s failed", name)
+        await asyncio.sleep(seconds)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse a declared body over the limit before reading it (413)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length":
+                    try:
+                        too_big = int(value) > self.limit
+                    except ValueError:
+                        too_big = False
+                    if too_big:
+                        response = errors.anthropic_response(errors.too_large(self.limit))
+                        await response(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, print_token: Callable[[str], None] | None = None) -> FastAPI:
+    settings = settings or Settings()
+    check_settings(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.is_sqlite:
+            await asyncio.to_thread(upgrade, settings.database_url)
+        services: Services = build_services(settings)
+        app.state.services = services
+        app.state.customer_api = CustomerApi(services, Relay(services))
+        configured = settings.admin_token.get_secret_value() if settings.admin_token else None
+        services.admin_digest, new_token = await ensure_admin_token(services.db, configured)
+        if new_token:
+            (print_token or _print_token)(new_token)
+        await tasks.heartbeat(services)
+        background = [asyncio.create_task(_every(10, "heartbeat", lambda: tasks.heartbeat(services)))]
+        if settings.run_jobs_in_process:
+            ctx: dict[str, Any] = {"services": services}
+            background += [
+                asyncio.create_task(
+                    _every(settings.reconcile_interval_seconds, "reconcile", lambda: tasks.reconcile_billing(ctx))
+                ),
+                asyncio.create_task(
+                    _every(settings.health_interval_seconds, "health", lambda: tasks.probe_accounts(ctx))
+                ),
+            ]
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            with contextlib.suppress(Exception):
+                await services.redis.delete(tasks.instance_key(services.instance_id))
+            await services.aclose()
+
+    app = FastAPI(
+        title="poolrelay",
+        version="0.1.0",
+        summary="A relay for the Anthropic Messages API with a prepaid ledger and an account pool",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ApiError)
+    @app.exception_handler(BillingError)
+    @app.exception_handler(PoolError)
+    async def domain_error(request: Request, exc: Exception) -> Response:
+        return errors.anthropic_response(to_api_error(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        return errors.anthropic_response(errors.invalid_request("; ".join(parts) or "invalid request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error"}
+        return errors.anthropic_response(
+            ApiError(exc.status_code, kinds.get(exc.status_code, "invalid_request_error"), str(exc.detail))
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return errors.anthropic_response(ApiError(500, "api_error", "Internal server error"))
+
+    admin = [Depends(require_admin)]
+    for module in (admin_customers, admin_accounts, admin_prices, admin_usage):
+        app.include_router(module.router, dependencies=admin)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz(request: Request) -> Response:
+        services: Services = request.app.state.services
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(services.db.ping(), 5)
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            await asyncio.wait_for(services.redis.ping(), 5)
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return json_response({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
+
+    app.router.routes.extend(customer_routes())
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _print_token(token: str) -> None:
+    message = (
+        "\n  poolrelay: a new admin token was generated. It is shown this once; store it now.\n"
+        f"  Admin token: {token}\n"
+        "  (set POOLRELAY_ADMIN_TOKEN to choose your own)\n"
+    )
+    print(message, flush=True)

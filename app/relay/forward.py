@@ -1,0 +1,192 @@
+"""Choosing an account and opening the upstream response, with failover before the first byte.
+
+:func:`open_upstream` leases the best account from the scheduler, sends the request with that
+account's credential, and reads the status line. An answer that is the account's fault (429, 401,
+403, out of credit, 5xx, 529, connection errors, timeouts) quarantines or marks the account as
+the pool's table says, and the request moves to another account — up to ``MAX_ATTEMPTS`` and
+within the request deadline. Nothing has reached the customer yet at that point. A request the
+upstream rejects on its merits (any other 4xx) comes back as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from app import errors
+from app.state import Services
+from pool import accounts as account_repo
+from pool.accounts import LiveAccount
+from pool.errors import NoAccount, NoCapacity
+from pool.headroom import parse_ratelimit_headers, parse_retry_after
+from pool.scheduler import Candidate, Lease
+from pool.upstream import QUARANTINE_REASON, Verdict, classify, parse_error, upstream_headers
+
+log = logging.getLogger("poolrelay.relay")
+
+
+@dataclass
+class Opened:
+    """An upstream response whose status line is in hand (the body is not read yet)."""
+
+    response: httpx.Response
+    account: LiveAccount
+    lease: Lease
+    attempts: int
+    verdict: Verdict
+    ttfb_ms: int
+    body: bytes | None = None  # read already when the answer is an error
+    failures: list[str] = field(default_factory=list)
+
+
+def _reset_until(headers: httpx.Headers, now: float) -> float | None:
+    resets = [f.reset for f in parse_ratelimit_headers(headers).values() if f.reset and f.remaining <= 0]
+    return min(resets) if resets else None
+
+
+async def _note_quarantine(services: Services, account_id: str, reason: str, until: float | None, error: str) -> None:
+    """Redis first (every process sees it at once), then a durable copy for the operator."""
+    await services.scheduler.quarantine(account_id, reason, until, error)
+    try:
+        async with services.db.transaction() as session:
+            await account_repo.record_quarantine(
+                session,
+                account_id,
+                reason,
+                datetime.fromtimestamp(until, UTC) if until else None,
+                error,
+            )
+    except Exception:  # the live state is in Redis; the copy is best effort
+        log.warning("could not record quarantine of %s in the database", account_id, exc_info=True)
+
+
+async def open_upstream(
+    services: Services,
+    *,
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str] | list[tuple[str, str]],
+    content: bytes | None,
+    model: str | None,
+    expected_tokens: int,
+    affinity: tuple[str, int] | None,
+    started: float,
+    on_attempt: Callable[[LiveAccount], Awaitable[None]] | None = None,
+) -> Opened:
+    settings = services.settings
+    deadline = started + settings.request_deadline
+    exclude: set[str] = set()
+    failures: list[str] = []
+    last_verdict: Verdict | None = None
+    rate_limited_until: list[float] = []
+    for attempt in range(1, settings.max_attempts + 1):
+        live = await services.directory.accounts()
+        candidates = [
+            Candidate(a.id, a.max_concurrency, a.weight, a.group)
+            for a in live.values()
+            if model is None or a.allows(model)
+        ]
+        try:
+            lease = await services.scheduler.acquire(
+                candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude
+            )
+        except NoCapacity as exc:
+            if attempt == 1 or last_verdict in (Verdict.RATE_LIMITED, None):
+                raise
+            raise errors.overloaded() from exc
+        except NoAccount:
+            if last_verdict == Verdict.RATE_LIMITED and rate_limited_until:
+                raise NoCapacity(max(1.0, min(rate_limited_until) - time.time())) from None
+            if attempt == 1:
+                raise
+            raise errors.overloaded() from None
+        account = live[lease.account_id]
+        if on_attempt is not None:
+            await on_attempt(account)
+        url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
+        timeout_left = max(1.0, deadline - time.monotonic())
+        request = services.http.build_request(
+            method,
+            url,
+            headers=upstream_headers(headers, account.credential.reveal()),
+            content=content,
+            timeout=httpx.Timeout(
+                connect=min(settings.upstream_connect_timeout, timeout_left),
+                read=settings.upstream_read_timeout,
+                write=60.0,
+                pool=min(settings.upstream_connect_timeout, timeout_left),
+            ),
+        )
+        try:
+            response = await services.http.send(request, stream=True)
+        except (httpx.TransportError, OSError, asyncio.TimeoutError) as exc:
+            await services.scheduler.release(lease)
+            reason = f"{type(exc).__name__}: connection to upstream failed"
+            failures.append(reason)
+            await _on_failure(services, account.id, reason)
+            exclude.add(account.id)
+            last_verdict = Verdict.SERVER_ERROR
+            if time.monotonic() >= deadline:
+                break
+            continue
+        ttfb_ms = int((time.monotonic() - started) * 1000)
+        now = time.time()
+        await services.scheduler.record_headers(account.id, response.headers, now)
+        if response.status_code < 400:
+            return Opened(response, account, lease, attempt, Verdict.OK, ttfb_ms, failures=failures)
+        body = await response.aread()
+        await response.aclose()
+        verdict = classify(response.status_code, body)
+        if verdict is Verdict.CUSTOMER_ERROR:
+            return Opened(response, account, lease, attempt, verdict, ttfb_ms, body=body, failures=failures)
+        await services.scheduler.release(lease)
+        info = parse_error(body)
+        detail = f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
+        failures.append(detail)
+        last_verdict = verdict
+        exclude.add(account.id)
+        if verdict is Verdict.RATE_LIMITED:
+            retry = parse_retry_after(response.headers, now)
+            until = now + retry if retry else _reset_until(response.headers, now)
+            until = until if until and until > now else now + 30.0
+            rate_limited_until.append(until)
+            await _note_quarantine(services, account.id, "rate_limited", until, detail)
+        elif verdict in QUARANTINE_REASON:
+            await _note_quarantine(services, account.id, QUARANTINE_REASON[verdict], None, detail)
+        elif verdict is Verdict.SERVER_ERROR:
+            await _on_failure(services, account.id, detail)
+        elif verdict is Verdict.OVERLOADED:
+            await asyncio.sleep(min(0.25 * attempt, 1.0))
+        log.info("upstream attempt %d on %s failed: %s", attempt, account.name, detail)
+        if time.monotonic() >= deadline:
+            break
+    if last_verdict is Verdict.RATE_LIMITED and rate_limited_until:
+        raise NoCapacity(max(1.0, min(rate_limited_until) - time.time()))
+    raise errors.overloaded("No upstream account could serve this request; retry later.")
+
+
+async def _on_failure(services: Services, account_id: str, reason: str) -> None:
+    tripped = await services.scheduler.record_failure(account_id, reason)
+    if tripped:
+        try:
+            async with services.db.transaction() as session:
+                await account_repo.record_quarantine(session, account_id, "upstream_errors", None, reason)
+        except Exception:
+            log.warning("could not record quarantine of %s", account_id, exc_info=True)
+
+
+def response_info(opened: Opened) -> dict[str, Any]:
+    return {
+        "account_id": opened.account.id,
+        "attempts": opened.attempts,
+        "upstream_request_id": opened.response.headers.get("request-id"),
+        "ttfb_ms": opened.ttfb_ms,
+    }

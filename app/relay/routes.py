@@ -1,0 +1,185 @@
+"""The customer API (``/v1/*``) as plain Starlette routes (no per-request FastAPI overhead)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from app import errors
+from app.errors import ApiError, to_api_error
+from app.relay.forward import open_upstream
+from app.relay.models import ModelCatalog
+from app.relay.openai import is_openai_client, models_to_openai
+from app.relay.service import Relay, check_model_allowed, parse_json_object, read_body
+from app.state import Services
+from billing import usage as usage_repo
+from billing.customers import KeyContext, get_customer
+from billing.errors import BillingError
+from billing.ids import new_id
+from billing.money import format_usd
+from pool.errors import PoolError
+from pool.upstream import customer_headers
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+
+
+class CustomerApi:
+    def __init__(self, services: Services, relay: Relay) -> None:
+        self.services = services
+        self.relay = relay
+        self.catalog = ModelCatalog(services)
+
+    async def _auth(self, request: Request) -> KeyContext:
+        return await self.services.keys.authenticate(request.headers)
+
+    async def messages(self, request: Request) -> Any:
+        return await self.relay.messages(request)
+
+    async def count_tokens(self, request: Request) -> Response:
+        request_id = new_id("req")
+        try:
+            key = await self._auth(request)
+            raw = await read_body(request, self.services.settings.max_body_bytes)
+            body = parse_json_object(raw)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                raise errors.invalid_request("model: Field required (a model id string)")
+            if not isinstance(body.get("messages"), list):
+                raise errors.invalid_request("messages: Field required (a list of messages)")
+            check_model_allowed(key, model)
+            opened = await open_upstream(
+                self.services,
+                method="POST",
+                path="/v1/messages/count_tokens",
+                query=request.url.query,
+                headers=request.headers.items(),
+                content=raw,
+                model=model,
+                expected_tokens=0,
+                affinity=None,
+                started=time.monotonic(),
+            )
+        except (ApiError, BillingError, PoolError) as exc:
+            return errors.anthropic_response(to_api_error(exc), request_id)
+        try:
+            content = opened.body if opened.body is not None else await opened.response.aread()
+        finally:
+            await opened.response.aclose()
+            await self.services.scheduler.release(opened.lease)
+        headers = dict(customer_headers(opened.response.headers))
+        headers["x-poolrelay-request-id"] = request_id
+        return Response(content, status_code=opened.response.status_code, headers=headers)
+
+    async def list_models(self, request: Request) -> Response:
+        request_id = new_id("req")
+        try:
+            key = await self._auth(request)
+            models = await self.catalog.for_key(key)
+        except (ApiError, BillingError, PoolError) as exc:
+            return errors.anthropic_response(to_api_error(exc), request_id)
+        if is_openai_client(request.headers):
+            return json_response(models_to_openai(models))
+        return json_response(ModelCatalog.page(models, request.query_params))
+
+    async def get_model(self, request: Request) -> Response:
+        request_id = new_id("req")
+        try:
+            key = await self._auth(request)
+            models = await self.catalog.for_key(key)
+        except (ApiError, BillingError, PoolError) as exc:
+            return errors.anthropic_response(to_api_error(exc), request_id)
+        model_id = request.path_params["model_id"]
+        for model in models:
+            if model["id"] == model_id:
+                if is_openai_client(request.headers):
+                    return json_response(models_to_openai([model])["data"][0])
+                return json_response(model)
+        return errors.anthropic_response(errors.not_found(f"model: {model_id}"), request_id)
+
+    async def me(self, request: Request) -> Response:
+        try:
+            key = await self._auth(request)
+            async with self.services.db.transaction() as session:
+                customer = await get_customer(session, key.customer_id)
+        except (ApiError, BillingError) as exc:
+            return errors.anthropic_response(to_api_error(exc))
+        policy = key.policy
+        return json_response(
+            {
+                "customer": {"id": customer.id, "name": customer.name, "status": customer.status},
+                "key": {"id": key.key_id},
+                "balance_usd": format_usd(customer.balance_micros),
+                "held_usd": format_usd(customer.held_micros),
+                "available_usd": format_usd(customer.balance_micros - customer.held_micros),
+                "price_multiplier": customer.price_multiplier,
+                "limits": {
+                    "rpm": policy.rpm,
+                    "tpm": policy.tpm,
+                    "daily_budget_usd": _usd_or_none(policy.daily_budget_micros),
+                    "monthly_budget_usd": _usd_or_none(policy.monthly_budget_micros),
+                    "budget_action": policy.budget_action,
+                    "allowed_models": list(policy.allowed_models) if policy.allowed_models is not None else None,
+                    "expires_at": policy.expires_at.isoformat() if policy.expires_at else None,
+                },
+            }
+        )
+
+    async def me_usage(self, request: Request) -> Response:
+        try:
+            key = await self._auth(request)
+            query = usage_repo.UsageQuery.from_params(
+                request.query_params, allowed_groups=("model", "day", "key")
+            )
+            query.customer_id = key.customer_id
+            async with self.services.db.transaction() as session:
+                result = await usage_repo.totals(session, query)
+        except (ApiError, BillingError) as exc:
+            return errors.anthropic_response(to_api_error(exc))
+        return json_response(result)
+
+    async def probe(self, request: Request) -> Response:
+        if request.method == "HEAD":
+            return Response(status_code=200)
+        return json_response({"name": "poolrelay", "ok": True})
+
+    async def not_found(self, request: Request) -> Response:
+        return errors.anthropic_response(errors.not_found(f"Not found: {request.method} {request.url.path}"))
+
+
+
+ROUTES: list[tuple[str, str, list[str]]] = [
+    ("/v1/messages", "messages", ["POST"]),
+    ("/v1/messages/count_tokens", "count_tokens", ["POST"]),
+    ("/v1/models", "list_models", ["GET"]),
+    ("/v1/models/{model_id:path}", "get_model", ["GET"]),
+    ("/v1/me", "me", ["GET"]),
+    ("/v1/me/usage", "me_usage", ["GET"]),
+    ("/", "probe", ["GET", "HEAD"]),
+    ("/api/hello", "probe", ["GET", "HEAD"]),
+    ("/v1/{rest:path}", "not_found", ["GET", "POST", "PUT", "PATCH", "DELETE"]),
+]
+
+
+def customer_routes() -> list[BaseRoute]:
+    """Routes bound to ``app.state.customer_api`` (built in the lifespan)."""
+
+    def bind(name: str) -> Callable[[Request], Awaitable[Any]]:
+        async def endpoint(request: Request) -> Any:
+            return await getattr(request.app.state.customer_api, name)(request)
+
+        endpoint.__name__ = name
+        return endpoint
+
+    return [Route(path, bind(name), methods=methods, include_in_schema=False) for path, name, methods in ROUTES]
+
+
+def _usd_or_none(micros: int | None) -> str | None:
+    return format_usd(micros) if micros is not None else None

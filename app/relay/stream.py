@@ -1,0 +1,142 @@
+"""Relaying an SSE stream as the bytes arrive, and knowing how it ended.
+
+:class:`RelayStream` is a raw ASGI response. It forwards each upstream chunk unchanged while a
+:class:`~app.relay.sse.StreamMeter` parses a copy, and watches the client connection: when the
+client goes away the upstream read is cancelled at once. Whatever happens — ``message_stop``,
+an upstream error event, a broken upstream connection, a client disconnect, a server shutdown —
+``on_finish`` runs exactly once, in a task of its own shielded from cancellation, so the hold is
+always settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from app.relay.sse import StreamMeter
+
+log = logging.getLogger("poolrelay.relay")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def error_event(error_type: str, message: str) -> bytes:
+    data = orjson.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+    return b"event: error\ndata: " + data + b"\n\n"
+
+
+class StreamEnd:
+    """How the stream ended: ``ok``, ``client_disconnect``, ``upstream_error``."""
+
+    def __init__(self) -> None:
+        self.status = "ok"
+        self.error: str | None = None
+        self.first_byte_ms: int | None = None
+
+
+class RelayStream:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        headers: list[tuple[str, str]],
+        on_finish: Callable[[StreamMeter, StreamEnd], Awaitable[None]],
+        on_started: Callable[[StreamMeter], Awaitable[None]] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.headers = headers
+        self.on_finish = on_finish
+        self.on_started = on_started
+        self.meter = StreamMeter()
+        self.end = StreamEnd()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        pump = asyncio.create_task(self._pump(send))
+        try:
+            await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                self.end.status = "client_disconnect"
+                self.end.error = "the client closed the connection"
+                pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+        finally:
+            watcher.cancel()
+            if not pump.done():
+                pump.cancel()
+            finish = asyncio.create_task(self._finish())
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(finish)
+
+    async def _finish(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.upstream.aclose()
+        try:
+            await self.on_finish(self.meter, self.end)
+        except Exception:
+            log.exception("settling a stream failed; reconciliation will finish it")
+
+    async def _pump(self, send: Send) -> None:
+        started = time.monotonic()
+        meter = self.meter
+        await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
+        announced = False
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                if not chunk:
+                    continue
+                meter.feed(chunk)
+                if self.end.first_byte_ms is None:
+                    self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not announced and meter.started and self.on_started is not None:
+                    announced = True
+                    await self.on_started(meter)
+        except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+            self.end.status = "upstream_error"
+            self.end.error = f"{type(exc).__name__}: the upstream stream broke"
+            if meter.error is None:
+                await self._send_error("api_error", "The upstream connection failed mid-stream.", send)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if meter.error is not None:
+            self.end.status = "upstream_error"
+            err = meter.error.get("error") if isinstance(meter.error, dict) else None
+            self.end.error = f"upstream error event: {err.get('type') if isinstance(err, dict) else err}"
+        elif not meter.stopped:
+            self.end.status = "upstream_error"
+            self.end.error = "the upstream stream ended before message_stop"
+            await self._send_error("api_error", "The upstream stream ended unexpectedly.", send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_error(self, error_type: str, message: str, send: Send) -> None:
+        await send({"type": "http.response.body", "body": error_event(error_type, message), "more_body": True})
+
+    def _raw_headers(self) -> list[tuple[bytes, bytes]]:
+        out = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in self.headers
+            if k not in ("cache-control", "x-accel-buffering")
+        ]
+        out.append((b"cache-control", b"no-cache"))
+        out.append((b"x-accel-buffering", b"no"))
+        return out

@@ -1,0 +1,74 @@
+"""The one settings object: environment variables with the ``POOLRELAY_`` prefix, or a ``.env`` file.
+
+Nothing else in the code base reads the environment. Embedded defaults need no configuration at
+all: an SQLite file, an in-process Redis (``memory://``), jobs inside the server, a key file and a
+generated admin token. PostgreSQL-backed deployments must set ``ENCRYPTION_KEYS`` and
+``ADMIN_TOKEN`` explicitly (see :meth:`Settings.production_problems`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="POOLRELAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    database_url: str = "sqlite:///./poolrelay.db"
+    redis_url: str = "memory://"
+    encryption_keys: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    log_bodies: bool = False
+    max_body_bytes: int = Field(default=33_554_432, ge=1024)
+
+    # Beyond the contract's table: operational knobs with sensible defaults.
+    key_file: Path = Path("./poolrelay.key")
+    upstream_connect_timeout: float = Field(default=10.0, gt=0)
+    upstream_read_timeout: float = Field(default=600.0, gt=0)
+    request_deadline: float = Field(default=120.0, gt=0)
+    """Total time budget for failover before the first byte reaches the customer."""
+    auth_cache_seconds: float = Field(default=0.5, ge=0, le=1.0)
+    accounts_refresh_seconds: float = Field(default=2.0, gt=0, le=5.0)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    health_interval_seconds: float = Field(default=15.0, gt=0)
+    stale_hold_seconds: float = Field(default=60.0, gt=0)
+    """A hold whose process stopped heart-beating this long ago is left behind by a crash."""
+    log_level: str = "INFO"
+    embedded_jobs: bool | None = None
+    """Run background jobs inside ``serve``; default: only with ``memory://`` Redis."""
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def is_memory_redis(self) -> bool:
+        return self.redis_url.startswith("memory://")
+
+    @property
+    def run_jobs_in_process(self) -> bool:
+        if self.embedded_jobs is not None:
+            return self.embedded_jobs
+        return self.is_memory_redis
+
+    def production_problems(self) -> list[str]:
+        """What must be set before a PostgreSQL-backed server may start."""
+        problems: list[str] = []
+        if not self.is_sqlite:
+            if self.encryption_keys is None or not self.encryption_keys.get_secret_value():
+                problems.append(
+                    "POOLRELAY_ENCRYPTION_KEYS (comma-separated Fernet keys, newest first; "
+                    "make one with: python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())')"
+                )
+            if self.admin_token is None or not self.admin_token.get_secret_value():
+                problems.append("POOLRELAY_ADMIN_TOKEN (the bearer token for /admin/*)")
+        return problems

@@ -1,0 +1,130 @@
+"""The composition root's object graph: one :class:`Services` per process.
+
+Built by ``create_app`` (server) and by the CLI and the worker, from one :class:`Settings`.
+Nothing here is created at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import stat
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import redis.asyncio as aioredis
+from cryptography.fernet import Fernet
+
+from app.auth import KeyAuthenticator
+from app.db import Database
+from app.redis import make_redis
+from app.settings import Settings
+from billing import prices as price_repo
+from billing.pricing import Price, PriceBook
+from pool import accounts as account_repo
+from pool.accounts import AccountDirectory
+from pool.crypto import CredentialCipher, parse_keys
+from pool.models import UpstreamAccount
+from pool.scheduler import Scheduler
+from pool.upstream import make_client
+
+
+def load_encryption_keys(settings: Settings) -> list[bytes]:
+    """``ENCRYPTION_KEYS`` if set; else the key file, created (mode 0600) on first use."""
+    if settings.encryption_keys is not None and settings.encryption_keys.get_secret_value():
+        return parse_keys(settings.encryption_keys.get_secret_value())
+    path = settings.key_file
+    if not path.exists():
+        key = Fernet.generate_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key + b"\n")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+    return parse_keys(path.read_text())
+
+
+class PriceCache:
+    """The price book, reloaded from the database every few seconds (edits reach every process)."""
+
+    def __init__(self, db: Database, *, refresh_seconds: float = 5.0) -> None:
+        self._db = db
+        self._refresh = refresh_seconds
+        self._book = PriceBook({})
+        self._loaded_at = -1e9
+        self._lock = asyncio.Lock()
+
+    async def book(self) -> PriceBook:
+        if time.monotonic() - self._loaded_at >= self._refresh:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at >= self._refresh:
+                    async with self._db.transaction() as session:
+                        prices: dict[str, Price] = await price_repo.load_prices(session)
+                    self._book = PriceBook(prices)
+                    self._loaded_at = time.monotonic()
+        return self._book
+
+    def invalidate(self) -> None:
+        self._loaded_at = -1e9
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    redis: aioredis.Redis
+    cipher: CredentialCipher
+    scheduler: Scheduler
+    directory: AccountDirectory
+    keys: KeyAuthenticator
+    prices: PriceCache
+    instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
+    _http: httpx.AsyncClient | None = None
+    admin_digest: str = ""
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = make_client(
+                connect_timeout=self.settings.upstream_connect_timeout,
+                read_timeout=self.settings.upstream_read_timeout,
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        await self.db.dispose()
+
+
+def build_services(settings: Settings) -> Services:
+    db = Database(settings.database_url)
+    cipher = CredentialCipher(load_encryption_keys(settings))
+    redis = make_redis(settings.redis_url)
+
+    async def load_accounts() -> list[UpstreamAccount]:
+        async with db.transaction() as session:
+            return await account_repo.list_accounts(session)
+
+    scheduler = Scheduler(redis)
+    return Services(
+        settings=settings,
+        db=db,
+        redis=redis,
+        cipher=cipher,
+        scheduler=scheduler,
+        directory=AccountDirectory(
+            load_accounts,
+            cipher,
+            refresh_seconds=settings.accounts_refresh_seconds,
+            on_operator_change=scheduler.clear_quarantine,
+        ),
+        keys=KeyAuthenticator(db, cache_seconds=settings.auth_cache_seconds),
+        prices=PriceCache(db),
+    )

@@ -1,0 +1,194 @@
+"""Holds: reserve the worst case before forwarding, turn it into the real charge afterwards.
+
+``place`` is ONE conditional update — ``held += h WHERE balance - held >= h`` — so concurrent
+requests can never reserve more than the balance, on SQLite or PostgreSQL. It inserts the hold
+row and the request-log row (status ``in_flight``) in the same short transaction, so a crashed
+process leaves a record of what was in flight.
+
+``settle`` deletes the hold row first: only the caller whose ``DELETE … RETURNING`` found it goes
+on to debit, which makes settlement idempotent by request id (and the ledger's unique index on
+usage request ids is a second guard). Actual cost above the hold is still charged in full; the
+balance may then dip below zero, and the request log records it (``cost_micros > hold_micros``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from billing import ledger
+from billing.errors import CustomerNotFound, CustomerSuspended, InsufficientBalance
+from billing.models import Customer, Hold, RequestRecord, utcnow
+from billing.pricing import Usage
+
+_customers = Customer.__table__  # type: ignore[attr-defined]
+_holds = Hold.__table__  # type: ignore[attr-defined]
+_log = RequestRecord.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(slots=True)
+class HoldRequest:
+    request_id: str
+    customer_id: str
+    key_id: str
+    amount_micros: int
+    instance_id: str
+    endpoint: str = "messages"
+    requested_model: str | None = None
+    stream: bool = False
+    request_body: str | None = None
+    started_at: datetime = field(default_factory=utcnow)
+
+
+async def place(session: AsyncSession, hold: HoldRequest) -> None:
+    """Reserve ``hold.amount_micros``; raises InsufficientBalance / CustomerSuspended."""
+    result = await session.execute(
+        sa.update(_customers)
+        .where(
+            _customers.c.id == hold.customer_id,
+            _customers.c.status == "active",
+            _customers.c.balance_micros - _customers.c.held_micros >= hold.amount_micros,
+        )
+        .values(held_micros=_customers.c.held_micros + hold.amount_micros)
+        .returning(_customers.c.id)
+    )
+    if result.scalar_one_or_none() is None:
+        row = (
+            await session.execute(
+                sa.select(
+                    _customers.c.status, _customers.c.balance_micros, _customers.c.held_micros
+                ).where(_customers.c.id == hold.customer_id)
+            )
+        ).first()
+        if row is None:
+            raise CustomerNotFound(hold.customer_id)
+        if row.status != "active":
+            raise CustomerSuspended(hold.customer_id)
+        raise InsufficientBalance(hold.amount_micros, int(row.balance_micros - row.held_micros))
+    await session.execute(
+        sa.insert(_holds).values(
+            request_id=hold.request_id,
+            customer_id=hold.customer_id,
+            key_id=hold.key_id,
+            amount_micros=hold.amount_micros,
+            instance_id=hold.instance_id,
+            created_at=hold.started_at,
+        )
+    )
+    await session.execute(
+        sa.insert(_log).values(
+            id=hold.request_id,
+            customer_id=hold.customer_id,
+            key_id=hold.key_id,
+            endpoint=hold.endpoint,
+            requested_model=hold.requested_model,
+            stream=hold.stream,
+            status="in_flight",
+            hold_micros=hold.amount_micros,
+            instance_id=hold.instance_id,
+            started_at=hold.started_at,
+            request_body=hold.request_body,
+        )
+    )
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a request ended, for the request log."""
+
+    status: str  # ok | client_disconnect | upstream_error | failed | crashed
+    http_status: int | None = None
+    model: str | None = None
+    account_id: str | None = None
+    upstream_request_id: str | None = None
+    attempts: int = 0
+    error: str | None = None
+    ttfb_ms: int | None = None
+    duration_ms: int | None = None
+    response_body: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def settle(
+    session: AsyncSession, request_id: str, usage: Usage | None, cost_micros: int, outcome: Outcome
+) -> bool:
+    """Turn the hold into one usage debit (or release it when ``cost_micros`` is 0).
+
+    Returns False when the hold was already settled or released (idempotent no-op).
+    """
+    removed = (
+        await session.execute(
+            sa.delete(_holds)
+            .where(_holds.c.request_id == request_id)
+            .returning(_holds.c.customer_id, _holds.c.amount_micros)
+        )
+    ).first()
+    if removed is None:
+        return False
+    customer_id, held = str(removed.customer_id), int(removed.amount_micros)
+    if cost_micros > 0:
+        await ledger.append(
+            session,
+            customer_id,
+            "usage",
+            -cost_micros,
+            request_id=request_id,
+            release_hold_micros=held,
+        )
+    else:
+        await session.execute(
+            sa.update(_customers)
+            .where(_customers.c.id == customer_id)
+            .values(held_micros=_customers.c.held_micros - held)
+        )
+    values: dict[str, Any] = {
+        "status": outcome.status,
+        "http_status": outcome.http_status,
+        "cost_micros": cost_micros,
+        "account_id": outcome.account_id,
+        "upstream_request_id": outcome.upstream_request_id,
+        "attempts": outcome.attempts,
+        "error": outcome.error[:1000] if outcome.error else None,
+        "ttfb_ms": outcome.ttfb_ms,
+        "duration_ms": outcome.duration_ms,
+        "finished_at": utcnow(),
+    }
+    if outcome.model is not None:
+        values["model"] = outcome.model
+    if outcome.response_body is not None:
+        values["response_body"] = outcome.response_body
+    if usage is not None:
+        values.update(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_write_5m_tokens=usage.cache_write_5m_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            cache_read_tokens=usage.cache_read_input_tokens,
+        )
+    await session.execute(sa.update(_log).where(_log.c.id == request_id).values(**values))
+    return True
+
+
+async def release(session: AsyncSession, request_id: str, outcome: Outcome) -> bool:
+    """Give the hold back without charging (nothing reached the customer)."""
+    return await settle(session, request_id, None, 0, outcome)
+
+
+async def open_holds(session: AsyncSession, *, older_than: datetime) -> list[Hold]:
+    result = await session.execute(
+        sa.select(Hold).where(Hold.created_at < older_than).order_by(Hold.created_at)  # type: ignore[arg-type]
+    )
+    return list(result.scalars())
+
+
+async def held_sum(session: AsyncSession, customer_id: str) -> int:
+    result = await session.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(_holds.c.amount_micros), 0)).where(
+            _holds.c.customer_id == customer_id
+        )
+    )
+    return int(result.scalar_one())

@@ -1,0 +1,149 @@
+"""Affinity: which requests should go back to the account that served a previous one.
+
+The upstream prompt cache lives on one account, so requests of one conversation should keep
+landing on the account that served it. :func:`affinity_key` derives the key; the scheduler
+maps it to an account in Redis for ``ttl`` seconds.
+
+Sources, first match wins:
+
+1. the ``x-claude-code-session-id`` header (Claude Code sends it on every request);
+2. ``metadata.user_id`` in the body;
+3. only when the body has ``cache_control`` breakpoints (top level, tools, system blocks,
+   message content blocks): a hash of the cacheable prefix, i.e. the canonical JSON of
+   ``tools`` + ``system`` + ``messages`` up to and including the last breakpoint block
+   (a top-level ``cache_control`` puts the breakpoint on the last block, so the prefix is the
+   whole of them). What follows the last breakpoint does not change the key.
+
+The key is a hash of (source, customer id, value): customers never share a key and no user data
+reaches Redis key names. ``ttl`` follows the prompt-cache TTL: 3600 s when any breakpoint asks
+for ``"ttl": "1h"``, else 300 s. A malformed body never raises; it only yields fewer sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+__all__ = ["LONG_TTL", "SESSION_HEADER", "SHORT_TTL", "affinity_key"]
+
+SESSION_HEADER = "x-claude-code-session-id"
+SHORT_TTL = 300
+LONG_TTL = 3600
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _session_header(headers: Mapping[str, str]) -> str | None:
+    value = headers.get(SESSION_HEADER)
+    if value is None:
+        for name, val in headers.items():
+            if name.lower() == SESSION_HEADER:
+                value = val
+                break
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _user_id(body: Mapping[str, Any]) -> str | None:
+    metadata = body.get("metadata")
+    if isinstance(metadata, Mapping):
+        user_id = metadata.get("user_id")
+        if isinstance(user_id, str) and user_id:
+            return user_id
+    return None
+
+
+def _marker(block: Any) -> Mapping[str, Any] | None:
+    if isinstance(block, Mapping):
+        cache_control = block.get("cache_control")
+        if isinstance(cache_control, Mapping):
+            return cache_control
+    return None
+
+
+def _blocks(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+_Breakpoint = tuple[str, int, int]
+
+
+def _breakpoints(body: Mapping[str, Any]) -> tuple[_Breakpoint | None, bool]:
+    """(where the last breakpoint is, whether any breakpoint asks for the 1h TTL)."""
+    last: _Breakpoint | None = None
+    long_ttl = False
+
+    def mark(block: Any, where: _Breakpoint) -> None:
+        nonlocal last, long_ttl
+        marker = _marker(block)
+        if marker is not None:
+            last = where
+            long_ttl = long_ttl or marker.get("ttl") == "1h"
+
+    for i, tool in enumerate(_blocks(body.get("tools"))):
+        mark(tool, ("tools", i, 0))
+    for i, block in enumerate(_blocks(body.get("system"))):
+        mark(block, ("system", i, 0))
+    for i, message in enumerate(_blocks(body.get("messages"))):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        for j, block in enumerate(_blocks(content)):
+            mark(block, ("messages", i, j))
+    mark(body, ("all", 0, 0))
+    return last, long_ttl
+
+
+def _prefix_json(body: Mapping[str, Any], last: _Breakpoint) -> bytes:
+    """Canonical JSON of tools + system + messages up to and including the last breakpoint."""
+    tools = _blocks(body.get("tools"))
+    system = body.get("system")
+    messages = _blocks(body.get("messages"))
+    where, i, j = last
+    prefix: dict[str, Any]
+    if where == "tools":
+        prefix = {"tools": tools[: i + 1]}
+    elif where == "system":
+        prefix = {"tools": tools, "system": _blocks(system)[: i + 1]}
+    elif where == "messages":
+        message = dict(messages[i])
+        message["content"] = _blocks(message.get("content"))[: j + 1]
+        prefix = {"tools": tools, "system": system, "messages": [*messages[:i], message]}
+    else:
+        prefix = {"tools": tools, "system": system, "messages": messages}
+    return orjson.dumps(prefix, option=orjson.OPT_SORT_KEYS)
+
+
+def affinity_key(
+    *, customer_id: str, headers: Mapping[str, str], body: Mapping[str, Any]
+) -> tuple[str, int] | None:
+    """``(key, ttl_seconds)`` for this request, or None when nothing ties it to an account."""
+    if not isinstance(body, Mapping):
+        body = {}
+    try:
+        last, long_ttl = _breakpoints(body)
+    except (TypeError, ValueError, AttributeError):
+        last, long_ttl = None, False
+    ttl = LONG_TTL if long_ttl else SHORT_TTL
+    customer = customer_id.encode()
+    session = _session_header(headers)
+    if session is not None:
+        return _digest(b"session", customer, session.encode(errors="replace")), ttl
+    user_id = _user_id(body)
+    if user_id is not None:
+        return _digest(b"user", customer, user_id.encode(errors="replace")), ttl
+    if last is not None:
+        try:
+            prefix = _prefix_json(body, last)
+        except (TypeError, ValueError, AttributeError):
+            return None
+        return _digest(b"prefix", customer, prefix), ttl
+    return None

@@ -1,0 +1,869 @@
+"""The scheduler: which upstream account serves the next request, decided atomically in Redis.
+
+Every decision is ONE Lua script call, so several relay processes share one view of headroom,
+leases, quarantines and affinity. Nothing lives only in process memory.
+
+Redis key schema (``P`` = ``{prefix}:{pool}:``; every key shares the ``{pool}`` hash tag, so
+the scripts are legal on Redis Cluster)::
+
+    P cfg          HASH  account -> "max_concurrency|weight|group"  (latest candidate list wins)
+    P hr           HASH  account -> "family limit remaining reset ..."  (last rate-limit headers;
+                                     reset in epoch seconds, "-" when absent)
+    P inflight     HASH  account -> number of live leases (field absent = 0)
+    P leases       ZSET  "<lease id>:<account>" scored by expiry (epoch seconds)
+    P q            HASH  account -> "reason|until|since"  (quarantine; until "" = until cleared)
+    P err          HASH  account -> last upstream error (text)
+    P cb           HASH  account -> "failures|window start|trips"  (circuit breaker)
+    P rank         ZSET  account scored by an UPPER BOUND of its weighted headroom score
+                         (the exact score with expected_tokens = 0); only accounts that are
+                         configured, not quarantined and below their concurrency cap are in it
+    P rank:g:<g>   ZSET  the same, for the accounts of group <g>
+    P due          ZSET  account scored by the next time its rank entry changes on its own
+                         (the next rate-limit reset ahead, or the end of its quarantine)
+    P cs:<digest>  HASH  account -> "1": one candidate list, registered once (expires after a
+                         day unused); the digest is over the list's encoding
+    P aff:<key>    STRING account, with the affinity TTL (key from ``pool.affinity``)
+
+Why the rank index: a decision must cost about the same at 10 and at 1,000 accounts. The exact
+score only ever falls below the bound (more expected tokens, same everything else), and every
+change to an account's state (headers, leases, quarantine, configuration, a reset passing via
+``due``) refreshes its bound, so the script walks ``rank`` from the top, computes exact scores,
+and stops as soon as the next bound cannot beat the best exact score found. Ties are broken
+at random (a seed is passed in ARGV). Candidate lists of at most ``direct_scan_max`` accounts
+are simply scored in full.
+
+Time is the ``now`` argument when given (tests), else the Redis server's ``TIME``; use one or
+the other consistently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import secrets
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+
+from pool.errors import NoAccount, NoCapacity
+from pool.headroom import NEARLY_EXHAUSTED, FamilyState, parse_ratelimit_headers, rate_limit_until
+
+__all__ = ["QUARANTINE_REASONS", "AccountState", "Candidate", "Lease", "Scheduler"]
+
+#: Why an account may be out of service.
+QUARANTINE_REASONS: Final = frozenset(
+    {
+        "rate_limited",
+        "credential_invalid",
+        "permission_denied",
+        "upstream_billing",
+        "upstream_errors",
+    }
+)
+
+_LEASE_ID_BYTES = 8  # 16 hex characters
+_ERROR_MAX = 500
+_FORBIDDEN = frozenset("\t\n\r|")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An account the caller allows for this request (active, allows the model)."""
+
+    account_id: str
+    max_concurrency: int
+    weight: float = 1.0
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.account_id or _FORBIDDEN.intersection(self.account_id):
+            raise ValueError("account_id must be non-empty, without tabs, newlines or '|'")
+        if self.group is not None and _FORBIDDEN.intersection(self.group):
+            raise ValueError("group must not contain tabs, newlines or '|'")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError("weight must be a finite number >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One in-flight slot on an account, released by :meth:`Scheduler.release`."""
+
+    account_id: str
+    lease_id: str
+    affinity_hit: bool
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """The live state of one account, for the operator view."""
+
+    account_id: str
+    quarantined: bool
+    reason: str | None
+    until: float | None
+    in_flight: int
+    headroom: Mapping[str, FamilyState]
+    last_error: str | None
+    score: float
+
+
+# --------------------------------------------------------------------------------------------
+# Lua. KEYS[1..9] are always the fixed keys below; scripts add their own after them.
+
+_PRELUDE = """
+local K_CFG, K_HR, K_INF, K_LEASES, K_Q, K_ERR, K_CB, K_RANK, K_DUE =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local NEARLY = %(nearly)r
+local LID = %(lid)d
+
+local function fmt(x) return string.format('%%.17g', x) end
+
+local function clock(a)
+  if a ~= nil and a ~= '' then return tonumber(a) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- pool.headroom.headroom_score, unweighted; also returns the next reset still ahead
+local function score(fams, now, k, e)
+  local s, nxt = 1.0, nil
+  if fams then
+    for name, l, r, t in string.gmatch(fams, '(%%S+) (%%S+) (%%S+) (%%S+)') do
+      local lim, rem, rst = tonumber(l), tonumber(r), tonumber(t)
+      if lim and rem and lim > 0 and (rst == nil or rst > now) then
+        local use = k * e
+        if name == 'requests' then use = k end
+        local ratio = (rem - use) / lim
+        if ratio < s then s = ratio end
+        if rst and (nxt == nil or rst < nxt) then nxt = rst end
+      end
+    end
+  end
+  if s < 0 then s = 0 end
+  return s, nxt
+end
+
+local function cfg_parse(v)
+  local m, w, g = string.match(v, '^(%%d+)|([^|]*)|(.*)$')
+  if g == '' then g = nil end
+  return tonumber(m), tonumber(w), g
+end
+
+local function q_parse(v)
+  local r, u, s = string.match(v, '^([^|]*)|([^|]*)|(.*)$')
+  return r, tonumber(u), tonumber(s)
+end
+
+local function grank(g) return K_RANK .. ':g:' .. g end
+
+-- 'ok', raw, weighted, group | 'rl', until | 'full' | 'out'
+local function judge(cv, qv, iv, hv, now, e)
+  if not cv then return 'out' end
+  local maxc, w, g = cfg_parse(cv)
+  if qv then
+    local r, u = q_parse(qv)
+    if u == nil or u > now then
+      if r == 'rate_limited' and u ~= nil then return 'rl', u end
+      return 'out'
+    end
+  end
+  local k = tonumber(iv or '0')
+  if k >= maxc then return 'full' end
+  local raw = score(hv, now, k, e)
+  return 'ok', raw, raw * w, g
+end
+
+-- bring an account's rank and due entries up to date with its state
+local function refresh(acct, now)
+  local cv = redis.call('HGET', K_CFG, acct)
+  if not cv then
+    redis.call('ZREM', K_RANK, acct)
+    redis.call('ZREM', K_DUE, acct)
+    return
+  end
+  local maxc, w, g = cfg_parse(cv)
+  local listed, bound, due = true, 0, nil
+  local qv = redis.call('HGET', K_Q, acct)
+  if qv then
+    local _, u = q_parse(qv)
+    if u == nil or u > now then
+      listed, due = false, u
+    else
+      redis.call('HDEL', K_Q, acct)
+    end
+  end
+  if listed then
+    local k = tonumber(redis.call('HGET', K_INF, acct) or '0')
+    if k >= maxc then
+      listed = false
+    else
+      local s, nxt = score(redis.call('HGET', K_HR, acct), now, k, 0)
+      bound, due = s * w, nxt
+    end
+  end
+  if listed then
+    redis.call('ZADD', K_RANK, fmt(bound), acct)
+    if g then redis.call('ZADD', grank(g), fmt(bound), acct) end
+  else
+    redis.call('ZREM', K_RANK, acct)
+    if g then redis.call('ZREM', grank(g), acct) end
+  end
+  if due then redis.call('ZADD', K_DUE, fmt(due), acct) else redis.call('ZREM', K_DUE, acct) end
+end
+
+-- drop expired leases and refresh accounts whose reset or quarantine end has come
+local function sweep(now)
+  local dirty = {}
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now))
+  for i = 1, #expired do
+    local acct = string.sub(expired[i], LID + 2)
+    if redis.call('HINCRBY', K_INF, acct, -1) <= 0 then redis.call('HDEL', K_INF, acct) end
+    dirty[acct] = true
+  end
+  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', fmt(now)) end
+  local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', fmt(now))
+  for i = 1, #due do dirty[due[i]] = true end
+  for acct in pairs(dirty) do refresh(acct, now) end
+end
+
+local function hmget(key, ids, from, to)
+  return redis.call('HMGET', key, unpack(ids, from, to))
+end
+"""
+
+_ACQUIRE = """
+local K_CS, K_AFF = KEYS[10], KEYS[11]
+if redis.call('EXISTS', K_CS) == 0 then return {'NOSET'} end
+local now = clock(ARGV[1])
+local e = tonumber(ARGV[2])
+local rng = tonumber(ARGV[3]) % 2147483646 + 1
+local lease_id, ttl, aff_ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local direct_max, cs_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local excluded = {}
+for i = 9, #ARGV do excluded[ARGV[i]] = true end
+
+local function rand(n)  -- Park-Miller; an integer in [0, n)
+  rng = (rng * 16807) % 2147483647
+  return rng % n
+end
+
+sweep(now)
+
+-- score a list of accounts: calls f(acct, status, a, b, c) for each non-excluded member
+local function each(ids, from, to, f)
+  if to < from then return end
+  local mem = hmget(K_CS, ids, from, to)
+  local c, q = hmget(K_CFG, ids, from, to), hmget(K_Q, ids, from, to)
+  local inf, h = hmget(K_INF, ids, from, to), hmget(K_HR, ids, from, to)
+  for j = 1, to - from + 1 do
+    local acct = ids[from + j - 1]
+    if mem[j] and not excluded[acct] then
+      local st, a, b, g = judge(c[j], q[j], inf[j], h[j], now, e)
+      if f(acct, st, a, b, g) then return true end
+    end
+  end
+end
+
+local function one(acct)  -- raw, weighted when the account may serve, else nil
+  local raw, w
+  each({acct}, 1, 1, function(_, st, a, b) if st == 'ok' then raw, w = a, b end end)
+  return raw, w
+end
+
+-- walk a rank index from the top: the best exact weighted score among candidates
+local function rank_scan(zkey)
+  local best, bacct, braw = -1, nil, nil
+  local pos, n = 0, 4
+  while true do
+    local items = redis.call('ZREVRANGE', zkey, pos, pos + n - 1, 'WITHSCORES')
+    local ids, bounds = {}, {}
+    for i = 1, #items, 2 do
+      ids[#ids + 1] = items[i]
+      bounds[#bounds + 1] = tonumber(items[i + 1])
+    end
+    local done = #ids < n
+    local k = 0
+    each(ids, 1, #ids, function(acct, st, raw, w)
+      k = k + 1
+      while ids[k] ~= acct do k = k + 1 end
+      if bacct and bounds[k] <= best then done = true return true end
+      if st == 'ok' and w > best then best, bacct, braw = w, acct, raw end
+    end)
+    if bacct and #bounds > 0 and bounds[#bounds] <= best then done = true end
+    if done then break end
+    pos = pos + n
+    if n < 128 then n = n * 2 end
+  end
+  if bacct then  -- ties: probe random members of the block whose bound equals the best
+    local sb = fmt(best)
+    local cnt = redis.call('ZCOUNT', zkey, sb, sb)
+    if cnt > 1 then
+      local start = redis.call('ZCOUNT', zkey, '(' .. sb, '+inf')
+      for _ = 1, 3 do
+        local at = start + rand(cnt)
+        local y = redis.call('ZREVRANGE', zkey, at, at)[1]
+        if y == nil or y == bacct then break end
+        local raw, w = one(y)
+        if w == best then bacct, braw = y, raw break end
+      end
+    end
+  end
+  return bacct, braw
+end
+
+-- score every candidate: best overall and best of a group (ties at random)
+local function full_scan(ids, group)
+  local best, bacct, braw, nb = -1, nil, nil, 0
+  local gbest, gacct, graw, ng = -1, nil, nil, 0
+  for from = 1, #ids, 256 do
+    each(ids, from, math.min(from + 255, #ids), function(acct, st, raw, w, g)
+      if st ~= 'ok' then return end
+      if w > best then best, bacct, braw, nb = w, acct, raw, 1
+      elseif w == best then
+        nb = nb + 1
+        if rand(nb) == 0 then bacct, braw = acct, raw end
+      end
+      if group ~= nil and g == group then
+        if w > gbest then gbest, gacct, graw, ng = w, acct, raw, 1
+        elseif w == gbest then
+          ng = ng + 1
+          if rand(ng) == 0 then gacct, graw = acct, raw end
+        end
+      end
+    end)
+  end
+  return bacct, braw, gacct, graw
+end
+
+local chosen, hit, group = nil, 0, nil
+local sticky = false
+if K_AFF then sticky = redis.call('GET', K_AFF) end
+if sticky then
+  local raw = one(sticky)
+  if raw and raw >= NEARLY then
+    chosen, hit = sticky, 1
+  else
+    local cv = redis.call('HGET', K_CFG, sticky)
+    if cv then
+      local _, _, g = cfg_parse(cv)
+      group = g
+    end
+  end
+end
+
+if not chosen then
+  if redis.call('HLEN', K_CS) <= direct_max then
+    local a, _, ga, graw = full_scan(redis.call('HKEYS', K_CS), group)
+    if ga and graw >= NEARLY then chosen = ga else chosen = a end
+  else
+    if group then
+      local ga, graw = rank_scan(grank(group))
+      if ga and graw >= NEARLY then chosen = ga end
+    end
+    if not chosen then chosen = rank_scan(K_RANK) end
+  end
+end
+
+if not chosen then
+  -- nobody can serve: why? (also a safety net should the rank index ever miss someone)
+  local ids = redis.call('HKEYS', K_CS)
+  local retry, full = nil, {}
+  local ok, okw = nil, -1
+  for from = 1, #ids, 256 do
+    each(ids, from, math.min(from + 255, #ids), function(acct, st, a, b)
+      if st == 'ok' and b > okw then ok, okw = acct, b
+      elseif st == 'rl' and (retry == nil or a - now < retry) then retry = a - now
+      elseif st == 'full' then full[acct] = true end
+    end)
+  end
+  if ok then
+    chosen = ok
+  else
+    if next(full) then
+      local leases = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
+      for i = 1, #leases, 2 do
+        if full[string.sub(leases[i], LID + 2)] then
+          local wait = tonumber(leases[i + 1]) - now
+          if retry == nil or wait < retry then retry = wait end
+          break
+        end
+      end
+      if retry == nil then retry = ttl end
+    end
+    if retry == nil then return {'NOACCT'} end
+    if retry < 1 then retry = 1 end
+    return {'NOCAP', fmt(retry)}
+  end
+end
+
+local expires = now + ttl
+redis.call('ZADD', K_LEASES, fmt(expires), lease_id .. ':' .. chosen)
+redis.call('HINCRBY', K_INF, chosen, 1)
+refresh(chosen, now)
+if K_AFF then redis.call('SET', K_AFF, chosen, 'EX', aff_ttl) end
+redis.call('EXPIRE', K_CS, cs_ttl)
+return {'OK', chosen, fmt(expires), hit}
+"""
+
+_REGISTER = """
+local K_CS = KEYS[10]
+local now = clock(ARGV[1])
+local F = '([^\\t\\n]*)'
+redis.call('DEL', K_CS)
+for acct, m, w, g in string.gmatch(ARGV[2], F .. '\\t' .. F .. '\\t' .. F .. '\\t' .. F .. '\\n') do
+  local old = redis.call('HGET', K_CFG, acct)
+  if old then
+    local _, _, og = cfg_parse(old)
+    if og and og ~= g then redis.call('ZREM', grank(og), acct) end
+  end
+  redis.call('HSET', K_CFG, acct, m .. '|' .. w .. '|' .. g)
+  redis.call('HSET', K_CS, acct, '1')
+  refresh(acct, now)
+end
+redis.call('EXPIRE', K_CS, ARGV[3])
+return 1
+"""
+
+_RELEASE = """
+local now, member = clock(ARGV[1]), ARGV[2]
+local acct = string.sub(member, LID + 2)
+if redis.call('ZREM', K_LEASES, member) == 1 then
+  if redis.call('HINCRBY', K_INF, acct, -1) <= 0 then redis.call('HDEL', K_INF, acct) end
+  refresh(acct, now)
+  return 1
+end
+return 0
+"""
+
+_RENEW = """
+local now, member, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local acct = string.sub(member, LID + 2)
+local expires = now + ttl
+local known = redis.call('ZSCORE', K_LEASES, member)
+redis.call('ZADD', K_LEASES, fmt(expires), member)
+if not known then
+  redis.call('HINCRBY', K_INF, acct, 1)
+  refresh(acct, now)
+end
+return fmt(expires)
+"""
+
+_RECORD_HEADERS = """
+local now = clock(ARGV[1])
+redis.call('HSET', K_HR, ARGV[2], ARGV[3])
+refresh(ARGV[2], now)
+return 1
+"""
+
+_QUARANTINE = """
+local now, acct, reason = clock(ARGV[1]), ARGV[2], ARGV[3]
+local untl, err, cap = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+if reason == 'rate_limited' then
+  if untl == nil or untl > now + cap then untl = now + cap end
+  if untl < now + 1 then untl = now + 1 end
+end
+if err ~= '' then redis.call('HSET', K_ERR, acct, err) end
+local cur = redis.call('HGET', K_Q, acct)
+if cur and untl ~= nil then
+  local _, u = q_parse(cur)
+  if u == nil then return 0 end  -- only clear_quarantine (or another indefinite one) replaces it
+  if u > untl then untl = u end
+end
+local u = ''
+if untl ~= nil then u = fmt(untl) end
+redis.call('HSET', K_Q, acct, reason .. '|' .. u .. '|' .. fmt(now))
+refresh(acct, now)
+return 1
+"""
+
+_CLEAR = """
+local now = clock(ARGV[1])
+redis.call('HDEL', K_Q, ARGV[2])
+refresh(ARGV[2], now)
+return 1
+"""
+
+_FAILURE = """
+local now, acct, err = clock(ARGV[1]), ARGV[2], ARGV[3]
+local threshold, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+local base, longest = tonumber(ARGV[6]), tonumber(ARGV[7])
+if err ~= '' then redis.call('HSET', K_ERR, acct, err) end
+local qv = redis.call('HGET', K_Q, acct)
+if qv then
+  local _, u = q_parse(qv)
+  if u == nil or u > now then return 0 end  -- already out of service
+end
+local count, start, trips = 0, now, 0
+local cb = redis.call('HGET', K_CB, acct)
+if cb then
+  local c, s, t = string.match(cb, '^([^|]*)|([^|]*)|(.*)$')
+  count, start, trips = tonumber(c), tonumber(s), tonumber(t)
+end
+if now - start > window then count, start = 0, now end
+count = count + 1
+if count >= threshold then
+  local cool = math.min(base * 2 ^ trips, longest)
+  redis.call('HSET', K_Q, acct, 'upstream_errors|' .. fmt(now + cool) .. '|' .. fmt(now))
+  redis.call('HSET', K_CB, acct, '0|' .. fmt(now) .. '|' .. (trips + 1))
+  refresh(acct, now)
+  return 1
+end
+redis.call('HSET', K_CB, acct, count .. '|' .. fmt(start) .. '|' .. trips)
+return 0
+"""
+
+_FORGET = """
+local acct = ARGV[1]
+local cv = redis.call('HGET', K_CFG, acct)
+if cv then
+  local _, _, g = cfg_parse(cv)
+  if g then redis.call('ZREM', grank(g), acct) end
+end
+for _, k in ipairs({K_CFG, K_HR, K_INF, K_Q, K_ERR, K_CB}) do redis.call('HDEL', k, acct) end
+redis.call('ZREM', K_RANK, acct)
+redis.call('ZREM', K_DUE, acct)
+return 1
+"""
+
+_STATES = """
+local now, e = clock(ARGV[1]), tonumber(ARGV[2])
+sweep(now)
+local out = {fmt(now)}
+for i = 3, #ARGV do
+  local a = ARGV[i]
+  local k = tonumber(redis.call('HGET', K_INF, a) or '0')
+  local h = redis.call('HGET', K_HR, a)
+  out[#out + 1] = {
+    redis.call('HGET', K_Q, a) or '', tostring(k), h or '',
+    redis.call('HGET', K_ERR, a) or '', fmt(score(h, now, k, e)),
+  }
+end
+return out
+"""
+
+
+def _lua(body: str) -> str:
+    return _PRELUDE % {"nearly": NEARLY_EXHAUSTED, "lid": 2 * _LEASE_ID_BYTES} + body
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _time(now: float | None) -> str:
+    return "" if now is None else repr(float(now))
+
+
+def _encode_families(families: Mapping[str, FamilyState]) -> str:
+    return " ".join(
+        f"{name} {f.limit} {f.remaining} {'-' if f.reset is None else repr(f.reset)}"
+        for name, f in families.items()
+    )
+
+
+def _decode_families(text: str) -> dict[str, FamilyState]:
+    parts = text.split()
+    families: dict[str, FamilyState] = {}
+    for i in range(0, len(parts) - 3, 4):
+        name, limit, remaining, reset = parts[i : i + 4]
+        families[name] = FamilyState(
+            int(limit), int(remaining), None if reset == "-" else float(reset)
+        )
+    return families
+
+
+def _parse_quarantine(text: str) -> tuple[str, float | None]:
+    reason, until, _since = text.split("|", 2)
+    return reason, (float(until) if until else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _CandidateSet:
+    source: Sequence[Candidate]
+    digest: str
+    blob: str
+
+
+class Scheduler:
+    """Leases accounts to requests; see the module docstring for the design."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "poolrelay",
+        lease_ttl: float = 900.0,
+        rate_limit_cap: float = 300.0,
+        failure_threshold: int = 3,
+        failure_window: float = 30.0,
+        failure_cooldown: float = 30.0,
+        max_cooldown: float = 600.0,
+        direct_scan_max: int = 64,
+        candidate_set_ttl: int = 86400,
+    ) -> None:
+        self._redis = redis
+        self._base = f"{prefix}:{{pool}}:"
+        names = ("cfg", "hr", "inflight", "leases", "q", "err", "cb", "rank", "due")
+        self._keys = [self._base + name for name in names]
+        self._lease_ttl = float(lease_ttl)
+        self._rate_limit_cap = float(rate_limit_cap)
+        self._failure = (
+            int(failure_threshold),
+            float(failure_window),
+            float(failure_cooldown),
+            float(max_cooldown),
+        )
+        self._direct_scan_max = int(direct_scan_max)
+        self._candidate_set_ttl = int(candidate_set_ttl)
+        self._random = random.Random()
+        self._sets: OrderedDict[int, _CandidateSet] = OrderedDict()
+        register = redis.register_script
+        self._acquire = register(_lua(_ACQUIRE))
+        self._register = register(_lua(_REGISTER))
+        self._release = register(_lua(_RELEASE))
+        self._renew = register(_lua(_RENEW))
+        self._record_headers = register(_lua(_RECORD_HEADERS))
+        self._quarantine = register(_lua(_QUARANTINE))
+        self._clear = register(_lua(_CLEAR))
+        self._failure_script = register(_lua(_FAILURE))
+        self._forget = register(_lua(_FORGET))
+        self._states = register(_lua(_STATES))
+
+    # -- candidate lists ---------------------------------------------------------------------
+
+    def _candidate_set(self, candidates: Sequence[Candidate]) -> _CandidateSet:
+        """The encoding of a candidate list; cached for tuples (immutable), so a caller that
+        keeps its candidate tuple pays the O(n) encoding once."""
+        cacheable = type(candidates) is tuple
+        if cacheable:
+            found = self._sets.get(id(candidates))
+            if found is not None and found.source is candidates:
+                self._sets.move_to_end(id(candidates))
+                return found
+        blob = "".join(
+            f"{c.account_id}\t{c.max_concurrency}\t{c.weight!r}\t{c.group or ''}\n"
+            for c in candidates
+        )
+        digest = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+        entry = _CandidateSet(candidates, digest, blob)
+        if cacheable:
+            self._sets[id(candidates)] = entry
+            while len(self._sets) > 32:
+                self._sets.popitem(last=False)
+        return entry
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        expected_tokens: int,
+        affinity: tuple[str, int] | None = None,
+        exclude: Collection[str] = (),
+        now: float | None = None,
+    ) -> Lease:
+        """Lease the best account among ``candidates`` for one request.
+
+        The sticky account of ``affinity`` when it may serve and is not nearly exhausted; else
+        the best account of its group; else the account with the most (weighted) headroom.
+        ``exclude`` removes accounts that already failed this request. Raises
+        :class:`NoCapacity` when the candidates are only rate limited or full, and
+        :class:`NoAccount` when none can serve at all.
+        """
+        if not candidates:
+            raise NoAccount()
+        cset = self._candidate_set(candidates)
+        keys = [*self._keys, self._base + "cs:" + cset.digest]
+        aff_ttl = ""
+        if affinity is not None:
+            keys.append(self._base + "aff:" + affinity[0])
+            aff_ttl = str(max(1, int(affinity[1])))
+        lease_id = secrets.token_hex(_LEASE_ID_BYTES)
+        args: list[str | int] = [
+            _time(now),
+            max(0, int(expected_tokens)),
+            self._random.getrandbits(31),
+            lease_id,
+            repr(self._lease_ttl),
+            aff_ttl,
+            self._direct_scan_max,
+            self._candidate_set_ttl,
+            *exclude,
+        ]
+        reply = await self._acquire(keys=keys, args=args)
+        if _str(reply[0]) == "NOSET":
+            await self._register(
+                keys=keys[:10], args=[_time(now), cset.blob, self._candidate_set_ttl]
+            )
+            reply = await self._acquire(keys=keys, args=args)
+        status = _str(reply[0])
+        if status == "OK":
+            return Lease(
+                account_id=_str(reply[1]),
+                lease_id=lease_id,
+                affinity_hit=int(reply[3]) == 1,
+                expires_at=float(_str(reply[2])),
+            )
+        if status == "NOCAP":
+            raise NoCapacity(float(_str(reply[1])))
+        if status == "NOACCT":
+            raise NoAccount()
+        raise RuntimeError(f"unexpected scheduler reply {status!r}")  # pragma: no cover
+
+    async def release(self, lease: Lease, now: float | None = None) -> None:
+        """Give the lease's slot back (idempotent: a second release does nothing)."""
+        await self._release(keys=self._keys, args=[_time(now), self._member(lease)])
+
+    async def renew(self, lease: Lease, now: float | None = None) -> Lease:
+        """Extend a long stream's lease by ``lease_ttl`` from now. A lease that had already
+        expired takes its slot back (the request is still running). Returns the new lease."""
+        reply = await self._renew(
+            keys=self._keys, args=[_time(now), self._member(lease), repr(self._lease_ttl)]
+        )
+        return Lease(lease.account_id, lease.lease_id, lease.affinity_hit, float(_str(reply)))
+
+    @staticmethod
+    def _member(lease: Lease) -> str:
+        return f"{lease.lease_id}:{lease.account_id}"
+
+    # -- headroom ----------------------------------------------------------------------------
+
+    async def record_headers(
+        self, account_id: str, headers: Mapping[str, str], now: float | None = None
+    ) -> None:
+        """Store the rate-limit families of a response (nothing when it carries none)."""
+        families = parse_ratelimit_headers(headers)
+        if families:
+            await self._record_headers(
+                keys=self._keys, args=[_time(now), account_id, _encode_families(families)]
+            )
+
+    # -- quarantine and circuit breaker ------------------------------------------------------
+
+    async def quarantine(
+        self,
+        account_id: str,
+        reason: str,
+        until: float | None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Take an account out of service until ``until`` (epoch seconds), or until
+        :meth:`clear_quarantine` when ``until`` is None.
+
+        ``rate_limited`` always has an end: ``until`` is capped at ``rate_limit_cap`` seconds
+        from now (and None means the cap), at least 1 s. A quarantine with an end lifts by
+        itself when its time comes. A timed quarantine never shortens a running one and never
+        replaces one without an end.
+        """
+        if reason not in QUARANTINE_REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r}")
+        await self._quarantine(
+            keys=self._keys,
+            args=[
+                _time(now),
+                account_id,
+                reason,
+                "" if until is None else repr(float(until)),
+                (error or "")[:_ERROR_MAX],
+                repr(self._rate_limit_cap),
+            ],
+        )
+
+    async def quarantine_rate_limited(
+        self,
+        account_id: str,
+        headers: Mapping[str, str],
+        now: float,
+        error: str | None = None,
+    ) -> None:
+        """Quarantine after a 429: until ``retry-after``, else the reset time (capped)."""
+        until = rate_limit_until(headers, now)
+        await self.quarantine(account_id, "rate_limited", until, error, now)
+
+    async def clear_quarantine(self, account_id: str, now: float | None = None) -> None:
+        """Return an account to service (the health job, after a successful probe)."""
+        await self._clear(keys=self._keys, args=[_time(now), account_id])
+
+    async def record_failure(self, account_id: str, error: str, now: float | None = None) -> bool:
+        """Count a 5xx, timeout or connection error. ``failure_threshold`` of them within
+        ``failure_window`` seconds quarantine the account (``upstream_errors``) for
+        ``failure_cooldown`` seconds, doubling on each further trip without a success in
+        between, up to ``max_cooldown``. Returns True when this failure tripped it."""
+        threshold, window, cooldown, longest = self._failure
+        tripped = await self._failure_script(
+            keys=self._keys,
+            args=[
+                _time(now),
+                account_id,
+                error[:_ERROR_MAX],
+                threshold,
+                repr(window),
+                repr(cooldown),
+                repr(longest),
+            ],
+        )
+        return int(tripped) == 1
+
+    async def record_success(self, account_id: str) -> None:
+        """Reset the circuit breaker (a no-op, with no write, when it is already clear)."""
+        await self._redis.hdel(self._keys[6], account_id)  # type: ignore[misc]
+
+    async def forget(self, account_id: str) -> None:
+        """Drop every trace of an account (it was removed from the pool)."""
+        await self._forget(keys=self._keys, args=[account_id])
+
+    # -- views -------------------------------------------------------------------------------
+
+    async def states(
+        self, account_ids: Sequence[str], now: float | None = None, *, expected_tokens: int = 0
+    ) -> dict[str, AccountState]:
+        """The live state of each account. ``score`` is the unweighted headroom score with
+        ``expected_tokens`` per in-flight request, as the scheduler computes it."""
+        if not account_ids:
+            return {}
+        reply = await self._states(
+            keys=self._keys, args=[_time(now), int(expected_tokens), *account_ids]
+        )
+        clock = float(_str(reply[0]))
+        result: dict[str, AccountState] = {}
+        for account_id, row in zip(account_ids, reply[1:], strict=True):
+            qtext, inflight, hr, err, score = (_str(v) for v in row)
+            reason: str | None = None
+            until: float | None = None
+            if qtext:
+                reason, until = _parse_quarantine(qtext)
+                if until is not None and until <= clock:
+                    reason, until = None, None
+            result[account_id] = AccountState(
+                account_id=account_id,
+                quarantined=reason is not None,
+                reason=reason,
+                until=until,
+                in_flight=int(inflight),
+                headroom=_decode_families(hr),
+                last_error=err or None,
+                score=float(score),
+            )
+        return result
+
+    async def quarantined(self, now: float | None = None) -> list[tuple[str, str, float | None]]:
+        """``(account_id, reason, until)`` of every quarantine in force, for the health job."""
+        raw: dict[Any, Any] = await self._redis.hgetall(self._keys[4])  # type: ignore[misc]
+        if now is None:
+            seconds, micros = await self._redis.time()
+            now = seconds + micros / 1_000_000
+        found: list[tuple[str, str, float | None]] = []
+        for account_id, text in raw.items():
+            reason, until = _parse_quarantine(_str(text))
+            if until is None or until > now:
+                found.append((_str(account_id), reason, until))
+        return sorted(found)

@@ -1,0 +1,117 @@
+"""Background jobs: plain ``async def job(ctx)`` functions, idempotent, run by arq workers in
+production and on a timer inside ``poolrelay serve`` in embedded mode. ``ctx["services"]`` is the
+process's :class:`app.state.Services`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from app.relay.service import progress_key
+from app.state import Services
+from billing import reconcile
+from billing.pricing import Usage
+from pool import accounts as account_repo
+from pool.health import probe
+
+log = logging.getLogger("poolrelay.jobs")
+
+HEARTBEAT_TTL = 30
+MAX_REQUEST_AGE = timedelta(hours=3)
+PROBE_BACKOFF_MIN = 5.0
+PROBE_BACKOFF_MAX = 600.0
+
+
+def instance_key(instance_id: str) -> str:
+    return f"poolrelay:instance:{instance_id}"
+
+
+async def heartbeat(services: Services) -> None:
+    await services.redis.set(instance_key(services.instance_id), b"1", ex=HEARTBEAT_TTL)
+
+
+async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
+    services: Services = ctx["services"]
+
+    async def is_alive(instance_id: str) -> bool:
+        if instance_id == services.instance_id and not ctx.get("worker"):
+            return True
+        return bool(await services.redis.exists(instance_key(instance_id)))
+
+    report = reconcile.Report()
+    book = await services.prices.book()
+    async with services.db.transaction() as session:
+        stale = await reconcile.stale_holds(session, is_alive=is_alive, max_age=MAX_REQUEST_AGE)
+    for hold in stale:
+        raw = await services.redis.get(progress_key(hold.request_id))
+        progress = None
+        if raw:
+            data = orjson.loads(raw)
+            progress = reconcile.Progress(model=data.get("model"), usage=Usage.from_api(data.get("usage")))
+        async with services.db.transaction() as session:
+            charged = await reconcile.finish_hold(session, hold, progress, book.match)
+        if charged:
+            report.holds_settled += 1
+        else:
+            report.holds_released += 1
+        await services.redis.delete(progress_key(hold.request_id))
+    async with services.db.transaction() as session:
+        report.discrepancies = await reconcile.verify_books(session)
+    for d in report.discrepancies:
+        log.error("reconciliation discrepancy %s for %s: %s", d.kind, d.customer_id, d.detail)
+    if stale:
+        log.info("reconciliation finished %d left-behind holds", len(stale))
+    return report.as_dict()
+
+
+def _probe_key() -> str:
+    return "poolrelay:{pool}:probe"
+
+
+async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    """Probe quarantined accounts (not rate-limited ones: those come back when their time is up)."""
+    services: Services = ctx["services"]
+    now = time.time()
+    results: list[dict[str, Any]] = []
+    live = await services.directory.accounts()
+    for account_id, reason, _until in await services.scheduler.quarantined(now):
+        if reason == "rate_limited":
+            continue
+        account = live.get(account_id)
+        if account is None:
+            continue
+        state_raw = await services.redis.hget(_probe_key(), account_id)
+        state = orjson.loads(state_raw) if state_raw else {"next": 0.0, "backoff": PROBE_BACKOFF_MIN}
+        if now < state["next"]:
+            continue
+        result = await probe(services.http, account.base_url, account.credential)
+        if result.ok:
+            await services.scheduler.clear_quarantine(account_id)
+            await services.redis.hdel(_probe_key(), account_id)
+            async with services.db.transaction() as session:
+                await account_repo.record_quarantine(session, account_id, None, None, None)
+            log.info("account %s passed its health probe and is back in service", account.name)
+        else:
+            backoff = min(PROBE_BACKOFF_MAX, state["backoff"] * 2)
+            await services.redis.hset(
+                _probe_key(), account_id, orjson.dumps({"next": now + state["backoff"], "backoff": backoff})
+            )
+            async with services.db.transaction() as session:
+                await account_repo.record_quarantine(
+                    session,
+                    account_id,
+                    reason,
+                    None,
+                    f"probe failed: {result.detail}",
+                )
+        results.append({"account_id": account_id, "ok": result.ok, "detail": result.detail})
+    return results
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
