@@ -53,7 +53,10 @@ class KeyAuthenticator:
             raise errors.authentication("this API key has expired")
         if ctx.customer_status != "active":
             raise errors.ApiError(
-                403, "permission_error", "This customer account is suspended.", {"x-should-retry": "false"}
+                403,
+                "permission_error",
+                "This customer account is suspended.",
+                {"x-should-retry": "false"},
             )
         return ctx
 
@@ -103,7 +106,9 @@ async def ensure_admin_token(db: Database, configured: str | None) -> tuple[str,
 async def reset_admin_token(db: Database) -> str:
     token = "pra-" + secrets.token_urlsafe(32)
     async with db.transaction() as session:
-        await session.execute(sa.delete(AppMeta.__table__).where(AppMeta.__table__.c.key == ADMIN_TOKEN_META))  # type: ignore[attr-defined]
+        await session.execute(
+            sa.delete(AppMeta.__table__).where(AppMeta.__table__.c.key == ADMIN_TOKEN_META)
+        )  # type: ignore[attr-defined]
         session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
     return token
 
@@ -112,4 +117,6 @@ def check_admin(headers: Mapping[str, str], digest: str) -> None:
     auth = headers.get("authorization", "")
     token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-admin-token", "")
     if not token or not hmac.compare_digest(_digest(token), digest):
-        raise errors.authentication("a valid admin token is required (Authorization: Bearer <token>)")
+        raise errors.authentication(
+            "a valid admin token is required (Authorization: Bearer <token>)"
+        )

@@ -57,10 +57,14 @@ def not_found(message: str) -> ApiError:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", f"Request exceeds the maximum allowed size of {limit} bytes.")
+    return ApiError(
+        413, "request_too_large", f"Request exceeds the maximum allowed size of {limit} bytes."
+    )
 
 
-def rate_limited(message: str, retry_after: float, extra: Mapping[str, str] | None = None) -> ApiError:
+def rate_limited(
+    message: str, retry_after: float, extra: Mapping[str, str] | None = None
+) -> ApiError:
     seconds = max(1, min(60, math.ceil(retry_after)))
     headers = {"retry-after": str(seconds), "x-should-retry": "true", **(extra or {})}
     return ApiError(429, "rate_limit_error", message, headers)
@@ -71,8 +75,7 @@ def overloaded(message: str = "No upstream account can serve this request right 
 
 
 CREDIT_TOO_LOW = (
-    "Your credit balance is too low to complete this request. "
-    "Please top up your poolrelay balance."
+    "Your credit balance is too low to complete this request. Please top up your poolrelay balance."
 )
 
 
@@ -90,9 +93,16 @@ def to_api_error(exc: Exception) -> ApiError:
             {"x-should-retry": "false"},
         )
     if isinstance(exc, be.CustomerSuspended):
-        return ApiError(403, "permission_error", "This customer account is suspended.", {"x-should-retry": "false"})
+        return ApiError(
+            403,
+            "permission_error",
+            "This customer account is suspended.",
+            {"x-should-retry": "false"},
+        )
     if isinstance(exc, be.NoPrice):
-        return invalid_request(f"model: {exc.model!r} is not available on this relay (no price is set for it)")
+        return invalid_request(
+            f"model: {exc.model!r} is not available on this relay (no price is set for it)"
+        )
     if isinstance(exc, be.BudgetExceeded):
         return ApiError(
             403,
@@ -115,7 +125,9 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, be.InvalidField):
         return invalid_request(f"{exc.field}: {exc.reason}")
     if isinstance(exc, pe.NoCapacity):
-        return rate_limited("Every upstream account is at its rate limit; retry shortly.", exc.retry_after)
+        return rate_limited(
+            "Every upstream account is at its rate limit; retry shortly.", exc.retry_after
+        )
     if isinstance(exc, pe.NoAccount):
         return overloaded()
     if isinstance(exc, pe.AccountNotFound):
@@ -140,4 +152,9 @@ def anthropic_response(err: ApiError, request_id: str | None = None) -> Response
     headers = dict(err.headers)
     if request_id:
         headers["x-poolrelay-request-id"] = request_id
-    return Response(error_body(err, request_id), status_code=err.status, headers=headers, media_type="application/json")
+    return Response(
+        error_body(err, request_id),
+        status_code=err.status,
+        headers=headers,
+        media_type="application/json",
+    )

@@ -38,7 +38,9 @@ next minute boundary. A message consumes 1 request, its uncached input (``input_
 cache writes; cache reads do not count, as at Anthropic) and its output tokens. Token
 ``remaining`` values are rounded down to the nearest 1,000, requests are exact. A request that
 would take a family below zero gets 429 ``rate_limit_error`` with ``retry-after``.
-count_tokens and models consume nothing but carry the headers too.
+count_tokens and models consume nothing but carry the headers too. Benchmarks that push more
+than 4,000 requests a minute through one credential should raise the limits first, e.g.
+``POST /_fake/limits {"key": "*", "requests_limit": 1000000000}``.
 
 Control API (not Anthropic's; no auth; JSON in and out)
 -------------------------------------------------------
@@ -82,8 +84,10 @@ Control API (not Anthropic's; no auth; JSON in and out)
   ``requests``/``total`` count ``/v1/messages`` requests (every one that arrived, whatever its
   outcome; a missing credential counts under ``""``); ``by_path`` counts every ``/v1/*`` path.
 - ``GET /_fake/requests?limit=50`` -> a JSON array of the most recent requests, oldest first
-  (ring buffer of 200): ``{"method", "path", "query", "headers" (lower-cased names),
-  "body" (parsed JSON or null), "credential", "request_id", "status"}``.
+  (ring buffer of 200): ``{"method", "path", "query" (raw query string), "headers"
+  (lower-cased names; repeated headers joined with ", "), "body" (parsed JSON, or null when
+  unparsable, absent or over 1 MiB), "body_bytes", "credential" (or null), "request_id",
+  "status" (null while unanswered, 0 for a scripted disconnect)}``.
 """
 
 from __future__ import annotations
@@ -118,6 +122,7 @@ __all__ = ["FAULT_KINDS", "MODELS", "FakeState", "Fault", "create_fake_app", "ge
 
 MAX_BODY_BYTES: Final = 32 * 1024 * 1024
 REQUEST_LOG_SIZE: Final = 200
+LOGGED_BODY_MAX_BYTES: Final = 1024 * 1024
 CACHE_MAX_ENTRIES: Final = 50_000
 BUCKET_MAX_ENTRIES: Final = 100_000
 DEFAULT_REPLY_WORDS: Final = 20
@@ -237,7 +242,7 @@ _FILLER_TEXT: Final = (
     "stream of text deltas and usage numbers without calling Anthropic."
 )
 _FILLER: Final = tuple(_FILLER_TEXT.split())
-_REPLY_WITH_RE: Final = re.compile(r"reply with (\d{1,7}) words?", re.IGNORECASE)
+_REPLY_WITH_RE: Final = re.compile(r"reply with (\d{1,6}) words?", re.IGNORECASE)
 
 # Stream event kinds (how pacing and mid-stream errors treat them).
 _EV_OTHER: Final = 0
@@ -750,6 +755,7 @@ class FakeState:
         request: Request,
         path: str,
         body: Any,
+        body_bytes: int,
         credential: str | None,
         request_id: str,
         is_messages: bool,
@@ -769,7 +775,8 @@ class FakeState:
             "path": path,
             "query": request.scope["query_string"].decode("latin-1"),
             "headers": headers,
-            "body": body,
+            "body": body if body_bytes <= LOGGED_BODY_MAX_BYTES else None,
+            "body_bytes": body_bytes,
             "credential": credential,
             "request_id": request_id,
             "status": None,
@@ -1222,11 +1229,13 @@ class _Handlers:
         return _NoResponse()
 
     def _start(
-        self, request: Request, path: str, body: Any, is_messages: bool
+        self, request: Request, path: str, body: Any, body_bytes: int, is_messages: bool
     ) -> tuple[str, str | None, dict[str, Any]]:
         request_id = _new_id("req_011C", 20)
         credential = _credential(request)
-        entry = self.state.record(request, path, body, credential, request_id, is_messages)
+        entry = self.state.record(
+            request, path, body, body_bytes, credential, request_id, is_messages
+        )
         return request_id, credential, entry
 
     def _missing_credential(self, entry: dict[str, Any], request_id: str) -> Response:
@@ -1248,7 +1257,7 @@ class _Handlers:
                 body = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 body, parse_error = None, f"There was an error parsing the body: {exc}"
-        request_id, credential, entry = self._start(request, "/v1/messages", body, True)
+        request_id, credential, entry = self._start(request, "/v1/messages", body, len(raw), True)
         if credential is None:
             return self._missing_credential(entry, request_id)
 
@@ -1334,9 +1343,9 @@ class _Handlers:
         return _RawResponse(_message_json(msg_id, model, reply, input_tokens, plan), 200, headers)
 
     async def _probe_prologue(
-        self, request: Request, path: str, body: Any
+        self, request: Request, path: str, body: Any, body_bytes: int = 0
     ) -> tuple[str, str | None, dict[str, Any], Response | None]:
-        request_id, credential, entry = self._start(request, path, body, False)
+        request_id, credential, entry = self._start(request, path, body, body_bytes, False)
         if credential is None:
             return request_id, None, entry, self._missing_credential(entry, request_id)
         fault = self.state.take_fault(credential, False)
@@ -1365,7 +1374,9 @@ class _Handlers:
         except orjson.JSONDecodeError as exc:
             parse_error = f"There was an error parsing the body: {exc}"
         path = "/v1/messages/count_tokens"
-        request_id, credential, entry, early = await self._probe_prologue(request, path, body)
+        request_id, credential, entry, early = await self._probe_prologue(
+            request, path, body, len(raw)
+        )
         if early is not None:
             return early
         assert credential is not None

@@ -48,7 +48,8 @@ def check_settings(settings: Settings) -> None:
     problems = settings.production_problems()
     if problems:
         raise SettingsError(
-            "poolrelay refuses to start on PostgreSQL without explicit secrets; set " + " and ".join(problems)
+            "poolrelay refuses to start on PostgreSQL without explicit secrets; set "
+            + " and ".join(problems)
         )
 
 
@@ -86,7 +87,9 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, print_token: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, print_token: Callable[[str], None] | None = None
+) -> FastAPI:
     settings = settings or Settings()
     check_settings(settings)
 
@@ -102,15 +105,25 @@ def create_app(settings: Settings | None = None, *, print_token: Callable[[str],
         if new_token:
             (print_token or _print_token)(new_token)
         await tasks.heartbeat(services)
-        background = [asyncio.create_task(_every(10, "heartbeat", lambda: tasks.heartbeat(services)))]
+        background = [
+            asyncio.create_task(_every(10, "heartbeat", lambda: tasks.heartbeat(services)))
+        ]
         if settings.run_jobs_in_process:
             ctx: dict[str, Any] = {"services": services}
             background += [
                 asyncio.create_task(
-                    _every(settings.reconcile_interval_seconds, "reconcile", lambda: tasks.reconcile_billing(ctx))
+                    _every(
+                        settings.reconcile_interval_seconds,
+                        "reconcile",
+                        lambda: tasks.reconcile_billing(ctx),
+                    )
                 ),
                 asyncio.create_task(
-                    _every(settings.health_interval_seconds, "health", lambda: tasks.probe_accounts(ctx))
+                    _every(
+                        settings.health_interval_seconds,
+                        "health",
+                        lambda: tasks.probe_accounts(ctx),
+                    )
                 ),
             ]
         try:
@@ -144,13 +157,24 @@ def create_app(settings: Settings | None = None, *, print_token: Callable[[str],
         for err in exc.errors()[:5]:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-        return errors.anthropic_response(errors.invalid_request("; ".join(parts) or "invalid request"))
+        return errors.anthropic_response(
+            errors.invalid_request("; ".join(parts) or "invalid request")
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error"}
+        kinds = {
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            405: "invalid_request_error",
+        }
         return errors.anthropic_response(
-            ApiError(exc.status_code, kinds.get(exc.status_code, "invalid_request_error"), str(exc.detail))
+            ApiError(
+                exc.status_code,
+                kinds.get(exc.status_code, "invalid_request_error"),
+                str(exc.detail),
+            )
         )
 
     @app.exception_handler(Exception)
@@ -181,7 +205,9 @@ def create_app(settings: Settings | None = None, *, print_token: Callable[[str],
         except Exception as exc:
             checks["redis"] = f"error: {type(exc).__name__}"
         ready = all(v == "ok" for v in checks.values())
-        return json_response({"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503)
+        return json_response(
+            {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
+        )
 
     app.router.routes.extend(customer_routes())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import CustomerNotFound, InvalidField, KeyNotFound
-from billing.money import format_multiplier, parse_multiplier
 from billing.models import Customer, CustomerKey, utcnow
+from billing.money import format_multiplier, parse_multiplier
 
 KEY_PREFIX = "sk-pr-"
 CUSTOMER_STATUSES = ("active", "suspended")
@@ -128,7 +128,10 @@ class KeyPolicy:
 
 
 async def create_key(
-    session: AsyncSession, customer_id: str, name: object = "default", policy: KeyPolicy | None = None
+    session: AsyncSession,
+    customer_id: str,
+    name: object = "default",
+    policy: KeyPolicy | None = None,
 ) -> tuple[CustomerKey, str]:
     """Returns the stored key row and the plaintext key (to be shown once)."""
     await get_customer(session, customer_id)
@@ -222,4 +225,6 @@ async def lookup_key(session: AsyncSession, plaintext: str) -> KeyContext | None
 
 
 async def touch_key(session: AsyncSession, key_id: str) -> None:
-    await session.execute(sa.update(_keys).where(_keys.c.id == key_id).values(last_used_at=utcnow()))
+    await session.execute(
+        sa.update(_keys).where(_keys.c.id == key_id).values(last_used_at=utcnow())
+    )

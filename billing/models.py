@@ -24,6 +24,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC (``2026-11-22T10:00:00.123456Z``); SQLite hands back naive UTC values."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def _ts(**kw: Any) -> Any:
     return Field(default_factory=utcnow, sa_type=sa.DateTime(timezone=True), **kw)
 
@@ -81,6 +90,8 @@ class PriceRow(SQLModel, table=True):
     long_context_threshold: int | None = None
     long_context_input_pct: int = 200
     long_context_output_pct: int = 150
+    inference_geo_us_pct: int = 100
+    fast_mode_pct: int = 100
     updated_at: datetime = _ts()
 
 
@@ -107,7 +118,9 @@ class LedgerEntry(SQLModel, table=True):
         sa.Index("ix_ledger_customer_id_id", "customer_id", "id"),
     )
 
-    id: int | None = Field(default=None, sa_column=Column(BigInt, primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None, sa_column=Column(BigInt, primary_key=True, autoincrement=True)
+    )
     customer_id: str = Field(foreign_key="customers.id", max_length=40)
     kind: str = Field(max_length=20)
     amount_micros: int = Field(sa_type=sa.BigInteger)

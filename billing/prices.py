@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import InvalidField
-from billing.models import PriceRow, utcnow
+from billing.models import PriceRow, iso, utcnow
 from billing.money import format_price_per_mtok, parse_price_per_mtok
 from billing.pricing import Price
 
@@ -33,6 +33,8 @@ def to_price(row: PriceRow) -> Price:
         long_context_threshold=row.long_context_threshold,
         long_context_input_pct=row.long_context_input_pct,
         long_context_output_pct=row.long_context_output_pct,
+        inference_geo_us_pct=row.inference_geo_us_pct,
+        fast_mode_pct=row.fast_mode_pct,
     )
 
 
@@ -40,7 +42,7 @@ def price_view(row: PriceRow) -> dict[str, object]:
     view: dict[str, object] = {"model": row.model}
     for api_name, column in PRICE_FIELDS.items():
         view[api_name] = format_price_per_mtok(getattr(row, column))
-    view["updated_at"] = row.updated_at
+    view["updated_at"] = iso(row.updated_at)
     return view
 
 

@@ -45,7 +45,8 @@ class Report:
             "holds_settled": self.holds_settled,
             "holds_released": self.holds_released,
             "discrepancies": [
-                {"kind": d.kind, "customer_id": d.customer_id, **d.detail} for d in self.discrepancies
+                {"kind": d.kind, "customer_id": d.customer_id, **d.detail}
+                for d in self.discrepancies
             ],
         }
 
@@ -71,7 +72,11 @@ async def stale_holds(
     stale: list[Hold] = []
     alive: dict[str, bool] = {}
     for hold in rows:
-        created = hold.created_at if hold.created_at.tzinfo else hold.created_at.replace(tzinfo=now.tzinfo)
+        created = (
+            hold.created_at
+            if hold.created_at.tzinfo
+            else hold.created_at.replace(tzinfo=now.tzinfo)
+        )
         if now - created > max_age:
             stale.append(hold)
             continue
@@ -97,7 +102,11 @@ async def finish_hold(
     usage = progress.usage if progress else None
     if usage is not None and price is not None and customer is not None:
         cost = cost_micros(usage, price, Decimal(customer.price_multiplier))
-    outcome = Outcome(status="crashed", error="the relay process stopped while the request was in flight", model=model)
+    outcome = Outcome(
+        status="crashed",
+        error="the relay process stopped while the request was in flight",
+        model=model,
+    )
     await holds.settle(session, hold.request_id, usage if cost else None, cost, outcome)
     return cost > 0
 
@@ -132,7 +141,10 @@ async def verify_books(session: AsyncSession) -> list[Discrepancy]:
                 Discrepancy(
                     "balance_mismatch",
                     row.id,
-                    {"balance_micros": int(row.balance_micros), "ledger_sum_micros": int(row.ledger_total)},
+                    {
+                        "balance_micros": int(row.balance_micros),
+                        "ledger_sum_micros": int(row.ledger_total),
+                    },
                 )
             )
         if int(row.held_micros) != int(row.held_total):
@@ -151,7 +163,11 @@ async def verify_books(session: AsyncSession) -> list[Discrepancy]:
     )
     for row in missing:
         found.append(
-            Discrepancy("usage_without_debit", row.customer_id, {"request_id": row.id, "cost_micros": int(row.cost_micros)})
+            Discrepancy(
+                "usage_without_debit",
+                row.customer_id,
+                {"request_id": row.id, "cost_micros": int(row.cost_micros)},
+            )
         )
     mismatched = await session.execute(
         sa.select(_log.c.id, _log.c.customer_id, _log.c.cost_micros, _ledger.c.amount_micros)
@@ -164,7 +180,11 @@ async def verify_books(session: AsyncSession) -> list[Discrepancy]:
             Discrepancy(
                 "debit_differs_from_usage",
                 row.customer_id,
-                {"request_id": row.id, "cost_micros": int(row.cost_micros), "debit_micros": int(row.amount_micros)},
+                {
+                    "request_id": row.id,
+                    "cost_micros": int(row.cost_micros),
+                    "debit_micros": int(row.amount_micros),
+                },
             )
         )
     return found

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import InvalidField
-from billing.models import RequestRecord
+from billing.models import RequestRecord, iso
 from billing.money import format_usd
 
 USAGE_STATUSES = ("ok", "client_disconnect", "upstream_error", "crashed")
@@ -50,7 +50,9 @@ class UsageQuery:
     group_by: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str], *, allowed_groups: Sequence[str] = GROUPS) -> UsageQuery:
+    def from_params(
+        cls, params: Mapping[str, str], *, allowed_groups: Sequence[str] = GROUPS
+    ) -> UsageQuery:
         groups = [g.strip() for g in (params.get("group_by") or "").split(",") if g.strip()]
         for group in groups:
             if group not in allowed_groups:
@@ -87,9 +89,18 @@ def _group_column(group: str, dialect: str) -> sa.ColumnElement[Any]:
     if group == "day":
         if dialect == "sqlite":
             return sa.func.substr(_log.c.started_at, 1, 10).label("day")
-        return sa.func.to_char(sa.func.timezone("UTC", _log.c.started_at), "YYYY-MM-DD").label("day")
-    column = {"model": _log.c.model, "key": _log.c.key_id, "account": _log.c.account_id, "customer": _log.c.customer_id}[group]
-    return column.label({"key": "key_id", "account": "account_id", "customer": "customer_id"}.get(group, group))
+        return sa.func.to_char(sa.func.timezone("UTC", _log.c.started_at), "YYYY-MM-DD").label(
+            "day"
+        )
+    column = {
+        "model": _log.c.model,
+        "key": _log.c.key_id,
+        "account": _log.c.account_id,
+        "customer": _log.c.customer_id,
+    }[group]
+    return column.label(
+        {"key": "key_id", "account": "account_id", "customer": "customer_id"}.get(group, group)
+    )
 
 
 def _totals_view(row: Any) -> dict[str, Any]:
@@ -111,7 +122,9 @@ async def totals(session: AsyncSession, query: UsageQuery) -> dict[str, Any]:
         sa.func.count().label("requests"),
         sa.func.sum(_log.c.input_tokens).label("input_tokens"),
         sa.func.sum(_log.c.output_tokens).label("output_tokens"),
-        sa.func.sum(_log.c.cache_write_5m_tokens + _log.c.cache_write_1h_tokens).label("cache_write_tokens"),
+        sa.func.sum(_log.c.cache_write_5m_tokens + _log.c.cache_write_1h_tokens).label(
+            "cache_write_tokens"
+        ),
         sa.func.sum(_log.c.cache_write_5m_tokens).label("cache_write_5m_tokens"),
         sa.func.sum(_log.c.cache_write_1h_tokens).label("cache_write_1h_tokens"),
         sa.func.sum(_log.c.cache_read_tokens).label("cache_read_tokens"),
@@ -154,8 +167,8 @@ def request_view(row: RequestRecord, *, with_bodies: bool) -> dict[str, Any]:
         "upstream_request_id": row.upstream_request_id,
         "attempts": row.attempts,
         "error": row.error,
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
         "ttfb_ms": row.ttfb_ms,
         "duration_ms": row.duration_ms,
     }

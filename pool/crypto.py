@@ -60,13 +60,17 @@ class CredentialCipher:
         try:
             return Secret(self._multi.decrypt(ciphertext.encode()).decode())
         except InvalidToken as exc:
-            raise CredentialError("credential cannot be decrypted with the configured keys") from exc
+            raise CredentialError(
+                "credential cannot be decrypted with the configured keys"
+            ) from exc
 
     def rotate(self, ciphertext: str) -> str:
         try:
             return self._multi.rotate(ciphertext.encode()).decode()
         except InvalidToken as exc:
-            raise CredentialError("credential cannot be decrypted with the configured keys") from exc
+            raise CredentialError(
+                "credential cannot be decrypted with the configured keys"
+            ) from exc
 
 
 def fingerprint(credential: Secret) -> str:

@@ -23,7 +23,9 @@ class ProbeResult:
     detail: str
 
 
-async def probe(http: httpx.AsyncClient, base_url: str, credential: Secret, *, timeout: float = 10.0) -> ProbeResult:
+async def probe(
+    http: httpx.AsyncClient, base_url: str, credential: Secret, *, timeout_seconds: float = 10.0
+) -> ProbeResult:
     try:
         response = await http.get(
             f"{base_url.rstrip('/')}/v1/models",
@@ -33,7 +35,7 @@ async def probe(http: httpx.AsyncClient, base_url: str, credential: Secret, *, t
                 "anthropic-version": "2023-06-01",
                 "accept-encoding": "identity",
             },
-            timeout=timeout,
+            timeout=timeout_seconds,
         )
     except (httpx.HTTPError, OSError) as exc:
         return ProbeResult(False, None, None, f"{type(exc).__name__}: connection failed")
@@ -43,5 +45,8 @@ async def probe(http: httpx.AsyncClient, base_url: str, credential: Secret, *, t
         return ProbeResult(True, response.status_code, verdict, "ok")
     info = parse_error(body)
     return ProbeResult(
-        False, response.status_code, verdict, f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
+        False,
+        response.status_code,
+        verdict,
+        f"{response.status_code} {info.type or ''}: {info.message or ''}".strip(),
     )

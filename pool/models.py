@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from sqlmodel import JSON, Column, Field, SQLModel
 

@@ -61,8 +61,12 @@ DROP_RESPONSE = HOP_BY_HOP | {
 POOL_HEADER_PREFIXES = ("anthropic-ratelimit-", "anthropic-priority-")
 
 
-def make_client(*, connect_timeout: float, read_timeout: float, use_aiohttp: bool = True) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout)
+def make_client(
+    *, connect_timeout: float, read_timeout: float, use_aiohttp: bool = True
+) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(
+        connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout
+    )
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=60)
     if use_aiohttp and AiohttpTransport is not None:
         transport = AiohttpTransport(limits=limits, trust_env=False)
@@ -70,7 +74,9 @@ def make_client(*, connect_timeout: float, read_timeout: float, use_aiohttp: boo
     return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
 
 
-def upstream_headers(incoming: Mapping[str, str] | list[tuple[str, str]], credential: str) -> dict[str, str]:
+def upstream_headers(
+    incoming: Mapping[str, str] | list[tuple[str, str]], credential: str
+) -> dict[str, str]:
     """The forwarded request headers: everything but credentials and hop-by-hop framing."""
     items = incoming.items() if isinstance(incoming, Mapping) else incoming
     out: dict[str, str] = {}
@@ -80,7 +86,9 @@ def upstream_headers(incoming: Mapping[str, str] | list[tuple[str, str]], creden
             continue
         if lower == "anthropic-beta":
             # An OAuth beta token means nothing when the relay authenticates with an API key.
-            tokens = [t for t in (s.strip() for s in value.split(",")) if t and t != "oauth-2025-04-20"]
+            tokens = [
+                t for t in (s.strip() for s in value.split(",")) if t and t != "oauth-2025-04-20"
+            ]
             if not tokens:
                 continue
             value = ",".join(tokens)
@@ -132,7 +140,9 @@ def parse_error(body: bytes) -> ErrorInfo:
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict):
             etype, msg = err.get("type"), err.get("message")
-            return ErrorInfo(etype if isinstance(etype, str) else None, msg if isinstance(msg, str) else None)
+            return ErrorInfo(
+                etype if isinstance(etype, str) else None, msg if isinstance(msg, str) else None
+            )
     except orjson.JSONDecodeError:
         pass
     return ErrorInfo(None, None)

@@ -75,7 +75,9 @@ def redis_url() -> str:
 
 
 @pytest.fixture
-def settings_env(tmp_path: Path, database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def settings_env(
+    tmp_path: Path, database_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
     """The environment a CLI command in this test sees (same database as the relay)."""
     env = {
         "POOLRELAY_DATABASE_URL": database_url,

@@ -35,7 +35,9 @@ class ThreadServer:
         self.sock = _free_socket()
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -130,13 +132,25 @@ class RelayServer(ThreadServer):
         return self.app.state.services
 
     def admin(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+        return httpx.Client(
+            base_url=self.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
+        )
 
-    def create_customer(self, *, balance_usd: str | None = "10", name: str = "acme", **extra: Any) -> tuple[str, str]:
+    def create_customer(
+        self, *, balance_usd: str | None = "10", name: str = "acme", **extra: Any
+    ) -> tuple[str, str]:
         """A customer with a key (and a top-up): returns (customer_id, key)."""
         with self.admin() as admin:
-            customer = admin.post("/admin/customers", json={"name": name, **extra}).raise_for_status().json()
-            key = admin.post(f"/admin/customers/{customer['id']}/keys", json={"name": "k"}).raise_for_status().json()
+            customer = (
+                admin.post("/admin/customers", json={"name": name, **extra})
+                .raise_for_status()
+                .json()
+            )
+            key = (
+                admin.post(f"/admin/customers/{customer['id']}/keys", json={"name": "k"})
+                .raise_for_status()
+                .json()
+            )
             if balance_usd is not None:
                 admin.post(
                     f"/admin/customers/{customer['id']}/topups", json={"amount_usd": balance_usd}
@@ -145,7 +159,9 @@ class RelayServer(ThreadServer):
 
     def customer(self, customer_id: str) -> dict[str, Any]:
         with self.admin() as admin:
-            result: dict[str, Any] = admin.get(f"/admin/customers/{customer_id}").raise_for_status().json()
+            result: dict[str, Any] = (
+                admin.get(f"/admin/customers/{customer_id}").raise_for_status().json()
+            )
             return result
 
     def ledger(self, customer_id: str) -> list[dict[str, Any]]:
@@ -156,7 +172,11 @@ class RelayServer(ThreadServer):
                 params: dict[str, Any] = {"limit": 100}
                 if cursor:
                     params["cursor"] = cursor
-                page = admin.get(f"/admin/customers/{customer_id}/ledger", params=params).raise_for_status().json()
+                page = (
+                    admin.get(f"/admin/customers/{customer_id}/ledger", params=params)
+                    .raise_for_status()
+                    .json()
+                )
                 items.extend(page["items"])
                 cursor = page["next_cursor"]
                 if not cursor:
@@ -169,7 +189,12 @@ class RelayServer(ThreadServer):
         async def add() -> str:
             async with self.services.db.transaction() as session:
                 account = await account_repo.add_account(
-                    session, self.services.cipher, name=name, credential=Secret(credential), base_url=base_url, **kwargs
+                    session,
+                    self.services.cipher,
+                    name=name,
+                    credential=Secret(credential),
+                    base_url=base_url,
+                    **kwargs,
                 )
             self.services.directory.invalidate()
             return str(account.id)
@@ -211,7 +236,9 @@ def _with_db(url: str, name: str) -> str:
 def _admin_conn(url: str) -> Iterator[Any]:
     import psycopg
 
-    conn = psycopg.connect(_with_db(url, "postgres").replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+    conn = psycopg.connect(
+        _with_db(url, "postgres").replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    )
     try:
         yield conn
     finally:

@@ -52,7 +52,9 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
         progress = None
         if raw:
             data = orjson.loads(raw)
-            progress = reconcile.Progress(model=data.get("model"), usage=Usage.from_api(data.get("usage")))
+            progress = reconcile.Progress(
+                model=data.get("model"), usage=Usage.from_api(data.get("usage"))
+            )
         async with services.db.transaction() as session:
             charged = await reconcile.finish_hold(session, hold, progress, book.match)
         if charged:
@@ -86,7 +88,9 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         if account is None:
             continue
         state_raw = await services.redis.hget(_probe_key(), account_id)
-        state = orjson.loads(state_raw) if state_raw else {"next": 0.0, "backoff": PROBE_BACKOFF_MIN}
+        state = (
+            orjson.loads(state_raw) if state_raw else {"next": 0.0, "backoff": PROBE_BACKOFF_MIN}
+        )
         if now < state["next"]:
             continue
         result = await probe(services.http, account.base_url, account.credential)
@@ -99,7 +103,9 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             backoff = min(PROBE_BACKOFF_MAX, state["backoff"] * 2)
             await services.redis.hset(
-                _probe_key(), account_id, orjson.dumps({"next": now + state["backoff"], "backoff": backoff})
+                _probe_key(),
+                account_id,
+                orjson.dumps({"next": now + state["backoff"], "backoff": backoff}),
             )
             async with services.db.transaction() as session:
                 await account_repo.record_quarantine(

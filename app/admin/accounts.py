@@ -10,6 +10,7 @@ from fastapi import APIRouter
 
 from app.admin.deps import ServicesDep, SessionDep
 from app.state import Services
+from billing.models import iso
 from pool import accounts as account_repo
 from pool.models import UpstreamAccount
 
@@ -57,9 +58,11 @@ async def account_views(services: Services, rows: list[UpstreamAccount]) -> list
                 "in_flight": state.in_flight if state is not None else 0,
                 "headroom": headroom,
                 "score": state.score if state is not None else None,
-                "last_error": (state.last_error if state is not None and state.last_error else row.last_error),
+                "last_error": (
+                    state.last_error if state is not None and state.last_error else row.last_error
+                ),
                 "fingerprint": row.fingerprint,
-                "created_at": row.created_at,
+                "created_at": iso(row.created_at),
             }
         )
     return views
@@ -72,7 +75,9 @@ async def list_accounts(services: ServicesDep, session: SessionDep) -> dict[str,
 
 
 @router.get("/admin/accounts/{account_id}")
-async def get_account(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+async def get_account(
+    account_id: str, services: ServicesDep, session: SessionDep
+) -> dict[str, Any]:
     row = await account_repo.find_account(session, account_id)
     return (await account_views(services, [row]))[0]
 

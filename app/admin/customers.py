@@ -83,7 +83,9 @@ async def create_customer(body: CustomerCreate, session: SessionDep) -> dict[str
 
 
 @router.get("/admin/customers")
-async def list_customers(session: SessionDep, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+async def list_customers(
+    session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> dict[str, Any]:
     rows = await customer_svc.list_customers(session, after_id=cursor, limit=limit)
     return page([customer_view(c) for c in rows], limit, "id")
 
@@ -94,13 +96,17 @@ async def get_customer(customer_id: str, session: SessionDep) -> dict[str, Any]:
 
 
 @router.patch("/admin/customers/{customer_id}")
-async def patch_customer(customer_id: str, body: CustomerPatch, session: SessionDep) -> dict[str, Any]:
+async def patch_customer(
+    customer_id: str, body: CustomerPatch, session: SessionDep
+) -> dict[str, Any]:
     customer = await customer_svc.update_customer(
         session,
         customer_id,
         name=body.name,
         status=body.status,
-        price_multiplier=_decimal_text(body.price_multiplier) if body.price_multiplier is not None else None,
+        price_multiplier=_decimal_text(body.price_multiplier)
+        if body.price_multiplier is not None
+        else None,
     )
     return customer_view(customer)
 

@@ -12,7 +12,7 @@ from app.auth import check_admin
 from app.state import Services
 from billing.customers import multiplier_of
 from billing.ledger import Entry
-from billing.models import Customer, CustomerKey
+from billing.models import Customer, CustomerKey, iso
 from billing.money import format_multiplier, format_usd
 
 
@@ -53,7 +53,7 @@ def customer_view(customer: Customer) -> dict[str, Any]:
         "balance_usd": format_usd(customer.balance_micros),
         "held_usd": format_usd(customer.held_micros),
         "available_usd": format_usd(customer.balance_micros - customer.held_micros),
-        "created_at": customer.created_at,
+        "created_at": iso(customer.created_at),
     }
 
 
@@ -75,9 +75,9 @@ def key_view(key: CustomerKey) -> dict[str, Any]:
         "budget_action": key.budget_action,
         "downgrade_model": key.downgrade_model,
         "allowed_models": key.allowed_models,
-        "expires_at": key.expires_at,
-        "created_at": key.created_at,
-        "last_used_at": key.last_used_at,
+        "expires_at": iso(key.expires_at),
+        "created_at": iso(key.created_at),
+        "last_used_at": iso(key.last_used_at),
     }
 
 
@@ -90,5 +90,5 @@ def entry_view(entry: Entry) -> dict[str, Any]:
         "balance_after_usd": format_usd(entry.balance_after_micros),
         "request_id": entry.request_id,
         "memo": entry.memo,
-        "created_at": entry.created_at,
+        "created_at": iso(entry.created_at),
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
@@ -20,7 +20,7 @@ async def list_prices(session: SessionDep) -> dict[str, Any]:
 
 @router.put("/admin/prices/{model:path}")
 async def put_price(
-    model: str, services: ServicesDep, session: SessionDep, body: dict[str, Any] = Body(...)
+    model: str, services: ServicesDep, session: SessionDep, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     row = await price_repo.upsert_price(session, model, body)
     services.prices.invalidate()

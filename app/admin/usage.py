@@ -29,14 +29,18 @@ async def requests(
     status: str | None = None,
 ) -> dict[str, Any]:
     query = usage_repo.UsageQuery.from_params(request.query_params, allowed_groups=())
-    rows = await usage_repo.list_requests(session, query, status=status, before_id=cursor, limit=limit)
+    rows = await usage_repo.list_requests(
+        session, query, status=status, before_id=cursor, limit=limit
+    )
     with_bodies = services.settings.log_bodies
     items = [usage_repo.request_view(r, with_bodies=with_bodies) for r in rows]
     return {"items": items, "next_cursor": items[-1]["id"] if len(items) == limit else None}
 
 
 @router.get("/admin/requests/{request_id}")
-async def request_detail(request_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+async def request_detail(
+    request_id: str, services: ServicesDep, session: SessionDep
+) -> dict[str, Any]:
     row = await usage_repo.get_request(session, request_id)
     if row is None:
         raise errors.not_found(f"request {request_id!r} not found")

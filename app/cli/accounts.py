@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
     a.add_argument("--name", required=True)
     a.add_argument("--base-url", default=account_repo.DEFAULT_BASE_URL, help="API root without /v1")
     a.add_argument("--group", help="the upstream workspace (prompt caches are shared within one)")
-    a.add_argument("--models", help="comma-separated model patterns this account may serve (default: all)")
+    a.add_argument(
+        "--models", help="comma-separated model patterns this account may serve (default: all)"
+    )
     a.add_argument("--max-concurrency", type=int, default=16)
     a.add_argument("--weight", type=float, default=1.0)
     a.set_defaults(handler=cmd_add)
@@ -73,7 +75,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         views = await account_views(services, rows)
         for view, row in zip(views, rows, strict=True):
             # Without access to the server's Redis (embedded mode), show the durable copy.
-            if view["status"] == "active" and row.quarantine_reason and services.settings.is_memory_redis:
+            if (
+                view["status"] == "active"
+                and row.quarantine_reason
+                and services.settings.is_memory_redis
+            ):
                 view["status"] = "quarantined?"
                 view["quarantine_reason"] = row.quarantine_reason
         return views
@@ -89,7 +95,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     print(header)
     for v in views:
         headroom = ", ".join(
-            f"{fam}={h['remaining']}/{h['limit']}" for fam, h in sorted(v["headroom"].items()) if h["limit"]
+            f"{fam}={h['remaining']}/{h['limit']}"
+            for fam, h in sorted(v["headroom"].items())
+            if h["limit"]
         )
         print(
             f"{v['name']:<20} {v['id']:<28} {v['status']:<12} {v['quarantine_reason'] or '-':<18} "
@@ -151,7 +159,9 @@ def cmd_set_credential(args: argparse.Namespace, settings: Settings) -> int:
 
     async def job(services: Services) -> tuple[str, str]:
         async with services.db.transaction() as session:
-            account = await account_repo.set_credential(session, services.cipher, args.name, credential)
+            account = await account_repo.set_credential(
+                session, services.cipher, args.name, credential
+            )
         await services.scheduler.clear_quarantine(account.id)
         return account.name, account.fingerprint
 

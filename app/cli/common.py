@@ -44,10 +44,7 @@ def read_credential(prompt: str = "Upstream API key: ") -> Secret:
     """One line from standard input, or a hidden prompt on a terminal; never an argument."""
     if sys.stdin is None:
         raise CliError("no standard input to read the credential from")
-    if sys.stdin.isatty():
-        value = getpass.getpass(prompt)
-    else:
-        value = sys.stdin.readline()
+    value = getpass.getpass(prompt) if sys.stdin.isatty() else sys.stdin.readline()
     if not value.strip():
         raise CliError("no credential given on standard input")
     try:

@@ -47,7 +47,12 @@ def cmd_create_customer(args: argparse.Namespace, settings: Settings) -> int:
             balance = 0
             if amount is not None:
                 entry, _ = await ledger.credit(
-                    session, customer.id, "topup", amount, memo="initial top-up", idempotency_key=None
+                    session,
+                    customer.id,
+                    "topup",
+                    amount,
+                    memo="initial top-up",
+                    idempotency_key=None,
                 )
                 balance = entry.balance_after_micros
             return customer.id, key.id, plaintext, format_usd(balance)
@@ -83,7 +88,12 @@ def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
         async with services.db.transaction() as session:
             customer = await customer_svc.find_customer(session, args.customer)
             entry, created = await ledger.credit(
-                session, customer.id, "topup", amount, memo=args.memo, idempotency_key=args.idempotency_key
+                session,
+                customer.id,
+                "topup",
+                amount,
+                memo=args.memo,
+                idempotency_key=args.idempotency_key,
             )
             return customer.id, format_usd(entry.balance_after_micros), created
 

@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="listen port (default: POOLRELAY_PORT or 8080)")
     p.set_defaults(handler=cmd_serve)
 
-    p = sub.add_parser("worker", help="run the arq worker (reconciliation, health probes); needs a real Redis")
+    p = sub.add_parser(
+        "worker", help="run the arq worker (reconciliation, health probes); needs a real Redis"
+    )
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("migrate", help="apply the database migrations")
@@ -39,7 +41,9 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -71,7 +75,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.is_memory_redis:
-        raise CliError("the worker needs a real Redis: set POOLRELAY_REDIS_URL (embedded mode runs jobs inside serve)")
+        raise CliError(
+            "the worker needs a real Redis: set POOLRELAY_REDIS_URL (embedded mode runs jobs inside serve)"
+        )
     _configure_logging(settings)
     from workers.main import run_worker
 
@@ -113,6 +119,8 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
     from app.fake_upstream import run as run_fake
 
-    print(f"fake upstream on http://{args.host}:{args.port} (control API under /_fake/)", flush=True)
+    print(
+        f"fake upstream on http://{args.host}:{args.port} (control API under /_fake/)", flush=True
+    )
     run_fake(host=args.host, port=args.port)
     return 0

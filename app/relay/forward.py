@@ -47,11 +47,15 @@ class Opened:
 
 
 def _reset_until(headers: httpx.Headers, now: float) -> float | None:
-    resets = [f.reset for f in parse_ratelimit_headers(headers).values() if f.reset and f.remaining <= 0]
+    resets = [
+        f.reset for f in parse_ratelimit_headers(headers).values() if f.reset and f.remaining <= 0
+    ]
     return min(resets) if resets else None
 
 
-async def _note_quarantine(services: Services, account_id: str, reason: str, until: float | None, error: str) -> None:
+async def _note_quarantine(
+    services: Services, account_id: str, reason: str, until: float | None, error: str
+) -> None:
     """Redis first (every process sees it at once), then a durable copy for the operator."""
     await services.scheduler.quarantine(account_id, reason, until, error)
     try:
@@ -127,7 +131,7 @@ async def open_upstream(
         )
         try:
             response = await services.http.send(request, stream=True)
-        except (httpx.TransportError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, httpx.TransportError, OSError) as exc:
             await services.scheduler.release(lease)
             reason = f"{type(exc).__name__}: connection to upstream failed"
             failures.append(reason)
@@ -146,7 +150,9 @@ async def open_upstream(
         await response.aclose()
         verdict = classify(response.status_code, body)
         if verdict is Verdict.CUSTOMER_ERROR:
-            return Opened(response, account, lease, attempt, verdict, ttfb_ms, body=body, failures=failures)
+            return Opened(
+                response, account, lease, attempt, verdict, ttfb_ms, body=body, failures=failures
+            )
         await services.scheduler.release(lease)
         info = parse_error(body)
         detail = f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
@@ -178,7 +184,9 @@ async def _on_failure(services: Services, account_id: str, reason: str) -> None:
     if tripped:
         try:
             async with services.db.transaction() as session:
-                await account_repo.record_quarantine(session, account_id, "upstream_errors", None, reason)
+                await account_repo.record_quarantine(
+                    session, account_id, "upstream_errors", None, reason
+                )
         except Exception:
             log.warning("could not record quarantine of %s", account_id, exc_info=True)
 

@@ -54,9 +54,15 @@ class ModelCatalog:
                 await self.services.scheduler.release(opened.lease)
             if opened.response.status_code == 200:
                 data = orjson.loads(content)
-                models = [m for m in data.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                models = [
+                    m
+                    for m in data.get("data", [])
+                    if isinstance(m, dict) and isinstance(m.get("id"), str)
+                ]
         except Exception as exc:
-            log.info("could not list upstream models (%s); using the price table", type(exc).__name__)
+            log.info(
+                "could not list upstream models (%s); using the price table", type(exc).__name__
+            )
         if models:
             self._upstream = models
             self._fetched_at = time.monotonic()
@@ -69,7 +75,12 @@ class ModelCatalog:
             candidates = [m for m in upstream if book.match(m["id"]) is not None]
         else:
             candidates = [
-                {"type": "model", "id": model, "display_name": model, "created_at": "1970-01-01T00:00:00Z"}
+                {
+                    "type": "model",
+                    "id": model,
+                    "display_name": model,
+                    "created_at": "1970-01-01T00:00:00Z",
+                }
                 for model in sorted(book.prices)
             ]
         allowed = key.policy.allowed_models

@@ -28,7 +28,9 @@ from pool.upstream import customer_headers
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
+    return Response(
+        orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 class CustomerApi:
@@ -126,7 +128,9 @@ class CustomerApi:
                     "daily_budget_usd": _usd_or_none(policy.daily_budget_micros),
                     "monthly_budget_usd": _usd_or_none(policy.monthly_budget_micros),
                     "budget_action": policy.budget_action,
-                    "allowed_models": list(policy.allowed_models) if policy.allowed_models is not None else None,
+                    "allowed_models": list(policy.allowed_models)
+                    if policy.allowed_models is not None
+                    else None,
                     "expires_at": policy.expires_at.isoformat() if policy.expires_at else None,
                 },
             }
@@ -151,8 +155,9 @@ class CustomerApi:
         return json_response({"name": "poolrelay", "ok": True})
 
     async def not_found(self, request: Request) -> Response:
-        return errors.anthropic_response(errors.not_found(f"Not found: {request.method} {request.url.path}"))
-
+        return errors.anthropic_response(
+            errors.not_found(f"Not found: {request.method} {request.url.path}")
+        )
 
 
 ROUTES: list[tuple[str, str, list[str]]] = [
@@ -178,7 +183,10 @@ def customer_routes() -> list[BaseRoute]:
         endpoint.__name__ = name
         return endpoint
 
-    return [Route(path, bind(name), methods=methods, include_in_schema=False) for path, name, methods in ROUTES]
+    return [
+        Route(path, bind(name), methods=methods, include_in_schema=False)
+        for path, name, methods in ROUTES
+    ]
 
 
 def _usd_or_none(micros: int | None) -> str | None:

@@ -143,7 +143,14 @@ class Relay:
         return price
 
     async def admit(
-        self, request_id: str, key: KeyContext, body: dict[str, Any], raw: bytes, *, endpoint: str, started: float
+        self,
+        request_id: str,
+        key: KeyContext,
+        body: dict[str, Any],
+        raw: bytes,
+        *,
+        endpoint: str,
+        started: float,
     ) -> Billed:
         model = str(body["model"])
         check_model_allowed(key, model)
@@ -188,7 +195,9 @@ class Relay:
                 break
             except Exception:
                 if attempt == 2:
-                    log.exception("settlement of %s failed; reconciliation will retry", billed.request_id)
+                    log.exception(
+                        "settlement of %s failed; reconciliation will retry", billed.request_id
+                    )
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
         if cost > billed.hold_micros:
@@ -210,7 +219,9 @@ class Relay:
             raw = await read_body(request, self.services.settings.max_body_bytes)
             body = parse_json_object(raw)
             validate_messages_body(body)
-            billed = await self.admit(request_id, key, body, raw, endpoint="messages", started=started)
+            billed = await self.admit(
+                request_id, key, body, raw, endpoint="messages", started=started
+            )
         except (ApiError, BillingError, PoolError) as exc:
             return errors.anthropic_response(to_api_error(exc), request_id)
         return await self.forward_billed(request, billed, body, raw)
@@ -223,7 +234,8 @@ class Relay:
         raw: bytes,
         *,
         stream_wrapper: Callable[[RelayStream], Any] | None = None,
-        json_transform: Callable[[int, list[tuple[str, str]], bytes], Awaitable[Response]] | None = None,
+        json_transform: Callable[[int, list[tuple[str, str]], bytes], Awaitable[Response]]
+        | None = None,
     ) -> Any:
         services = self.services
         request_id = billed.request_id
@@ -237,14 +249,19 @@ class Relay:
                 content=raw,
                 model=billed.requested_model,
                 expected_tokens=estimate_input_tokens_upper(body) + int(body.get("max_tokens", 0)),
-                affinity=affinity_key(customer_id=billed.key.customer_id, headers=request.headers, body=body),
+                affinity=affinity_key(
+                    customer_id=billed.key.customer_id, headers=request.headers, body=body
+                ),
                 started=billed.started,
             )
         except Exception as exc:
             api_error = to_api_error(exc)
             if api_error.status == 500:
                 log.exception("request %s failed before reaching the upstream", request_id)
-            await self._release_quietly(billed, Outcome(status="failed", http_status=api_error.status, error=api_error.message))
+            await self._release_quietly(
+                billed,
+                Outcome(status="failed", http_status=api_error.status, error=api_error.message),
+            )
             return errors.anthropic_response(api_error, request_id)
 
         headers = customer_headers(opened.response.headers)
@@ -265,7 +282,9 @@ class Relay:
             )
             if json_transform is not None:
                 return await json_transform(opened.response.status_code, headers, opened.body)
-            return Response(opened.body, status_code=opened.response.status_code, headers=dict(headers))
+            return Response(
+                opened.body, status_code=opened.response.status_code, headers=dict(headers)
+            )
 
         is_sse = opened.response.headers.get("content-type", "").startswith("text/event-stream")
         if is_sse:
@@ -282,7 +301,9 @@ class Relay:
         try:
             await self.release(billed, outcome)
         except Exception:
-            log.exception("releasing hold %s failed; reconciliation will release it", billed.request_id)
+            log.exception(
+                "releasing hold %s failed; reconciliation will release it", billed.request_id
+            )
 
     async def _finish_json(
         self,
@@ -309,7 +330,8 @@ class Relay:
             outcome.error = f"{type(exc).__name__} while reading the upstream body"
             await self._release_quietly(billed, outcome)
             return errors.anthropic_response(
-                errors.ApiError(502, "api_error", "The upstream connection failed."), billed.request_id
+                errors.ApiError(502, "api_error", "The upstream connection failed."),
+                billed.request_id,
             )
         finally:
             await opened.response.aclose()
@@ -330,7 +352,9 @@ class Relay:
             cost = await self.settle(billed, usage, model, outcome)
         except Exception:
             return errors.anthropic_response(
-                errors.ApiError(500, "api_error", "The response could not be billed; it was not charged."),
+                errors.ApiError(
+                    500, "api_error", "The response could not be billed; it was not charged."
+                ),
                 billed.request_id,
             )
         headers.append(("x-poolrelay-cost-usd", format_usd(cost)))
@@ -349,7 +373,9 @@ class Relay:
         except Exception:
             log.warning("could not record stream progress for %s", billed.request_id, exc_info=True)
 
-    async def _finish_stream(self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd) -> None:
+    async def _finish_stream(
+        self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd
+    ) -> None:
         services = self.services
         await services.scheduler.release(opened.lease)
         if end.status == "ok":
@@ -384,14 +410,4 @@ def replace_output(usage: Usage, output_tokens: int) -> Usage:
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-        "cache_read_input_tokens": usage.cache_read_input_tokens,
-        "cache_creation": {
-            "ephemeral_5m_input_tokens": usage.cache_write_5m_tokens,
-            "ephemeral_1h_input_tokens": usage.cache_write_1h_tokens,
-        },
-        "service_tier": usage.service_tier,
-    }
+    return usage.to_api()

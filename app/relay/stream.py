@@ -111,17 +111,21 @@ class RelayStream:
                 if not announced and meter.started and self.on_started is not None:
                     announced = True
                     await self.on_started(meter)
-        except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
             self.end.status = "upstream_error"
             self.end.error = f"{type(exc).__name__}: the upstream stream broke"
             if meter.error is None:
-                await self._send_error("api_error", "The upstream connection failed mid-stream.", send)
+                await self._send_error(
+                    "api_error", "The upstream connection failed mid-stream.", send
+                )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if meter.error is not None:
             self.end.status = "upstream_error"
             err = meter.error.get("error") if isinstance(meter.error, dict) else None
-            self.end.error = f"upstream error event: {err.get('type') if isinstance(err, dict) else err}"
+            self.end.error = (
+                f"upstream error event: {err.get('type') if isinstance(err, dict) else err}"
+            )
         elif not meter.stopped:
             self.end.status = "upstream_error"
             self.end.error = "the upstream stream ended before message_stop"
@@ -129,7 +133,13 @@ class RelayStream:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_error(self, error_type: str, message: str, send: Send) -> None:
-        await send({"type": "http.response.body", "body": error_event(error_type, message), "more_body": True})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": error_event(error_type, message),
+                "more_body": True,
+            }
+        )
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
         out = [

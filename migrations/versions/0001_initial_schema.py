@@ -11,7 +11,6 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -49,6 +48,8 @@ def upgrade() -> None:
         sa.Column("long_context_threshold", sa.Integer(), nullable=True),
         sa.Column("long_context_input_pct", sa.Integer(), nullable=False),
         sa.Column("long_context_output_pct", sa.Integer(), nullable=False),
+        sa.Column("inference_geo_us_pct", sa.Integer(), nullable=False),
+        sa.Column("fast_mode_pct", sa.Integer(), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("model"),
     )
