@@ -14,8 +14,6 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-import sqlalchemy as sa
-
 from app import errors
 from app.db import Database
 from app.meta import AppMeta
@@ -101,16 +99,6 @@ async def ensure_admin_token(db: Database, configured: str | None) -> tuple[str,
         token = "pra-" + secrets.token_urlsafe(32)
         session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
     return _digest(token), token
-
-
-async def reset_admin_token(db: Database) -> str:
-    token = "pra-" + secrets.token_urlsafe(32)
-    async with db.transaction() as session:
-        await session.execute(
-            sa.delete(AppMeta.__table__).where(AppMeta.__table__.c.key == ADMIN_TOKEN_META)
-        )  # type: ignore[attr-defined]
-        session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
-    return token
 
 
 def check_admin(headers: Mapping[str, str], digest: str) -> None:

@@ -13,4 +13,5 @@ def make_redis(url: str) -> aioredis.Redis:
 
         client: Any = fakeredis.FakeAsyncRedis()
         return client  # type: ignore[no-any-return]
-    return aioredis.from_url(url, max_connections=500, health_check_interval=30)  # type: ignore[no-any-return]
+    client = aioredis.from_url(url, max_connections=500, health_check_interval=30)  # type: ignore[no-untyped-call]
+    return client  # type: ignore[no-any-return]

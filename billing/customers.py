@@ -82,7 +82,7 @@ async def find_customer(session: AsyncSession, ref: str) -> Customer:
 async def list_customers(
     session: AsyncSession, *, after_id: str | None, limit: int
 ) -> list[Customer]:
-    query = sa.select(Customer).order_by(Customer.id)  # type: ignore[arg-type]
+    query = sa.select(Customer).order_by(Customer.id)
     if after_id:
         query = query.where(Customer.id > after_id)  # type: ignore[arg-type]
     result = await session.execute(query.limit(limit))
@@ -165,7 +165,7 @@ async def list_keys(
     query = sa.select(CustomerKey).where(CustomerKey.customer_id == customer_id)  # type: ignore[arg-type]
     if after_id:
         query = query.where(CustomerKey.id > after_id)  # type: ignore[arg-type]
-    result = await session.execute(query.order_by(CustomerKey.id).limit(limit))  # type: ignore[arg-type]
+    result = await session.execute(query.order_by(CustomerKey.id).limit(limit))
     return list(result.scalars())
 
 
@@ -196,9 +196,9 @@ class KeyContext:
 
 async def lookup_key(session: AsyncSession, plaintext: str) -> KeyContext | None:
     result = await session.execute(
-        sa.select(CustomerKey, Customer.status, Customer.price_multiplier)
-        .join(Customer, Customer.id == CustomerKey.customer_id)  # type: ignore[arg-type]
-        .where(CustomerKey.key_hash == hash_key(plaintext))  # type: ignore[arg-type]
+        sa.select(CustomerKey, _customers.c.status, _customers.c.price_multiplier)
+        .join(_customers, _customers.c.id == _keys.c.customer_id)
+        .where(_keys.c.key_hash == hash_key(plaintext))
     )
     row = result.first()
     if row is None:

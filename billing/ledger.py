@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -36,16 +37,16 @@ class Entry:
     created_at: datetime
 
 
-def _entry(row: sa.Row[tuple[object, ...]] | LedgerEntry) -> Entry:
+def _entry(row: Any) -> Entry:
     return Entry(
-        id=int(row.id),  # type: ignore[arg-type]
+        id=int(row.id),
         customer_id=str(row.customer_id),
         kind=str(row.kind),
-        amount_micros=int(row.amount_micros),  # type: ignore[call-overload]
-        balance_after_micros=int(row.balance_after_micros),  # type: ignore[call-overload]
-        request_id=row.request_id,  # type: ignore[arg-type]
-        memo=row.memo,  # type: ignore[arg-type]
-        created_at=row.created_at,  # type: ignore[arg-type]
+        amount_micros=int(row.amount_micros),
+        balance_after_micros=int(row.balance_after_micros),
+        request_id=row.request_id,
+        memo=row.memo,
+        created_at=row.created_at,
     )
 
 

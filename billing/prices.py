@@ -47,7 +47,7 @@ def price_view(row: PriceRow) -> dict[str, object]:
 
 
 async def list_prices(session: AsyncSession) -> list[PriceRow]:
-    result = await session.execute(sa.select(PriceRow).order_by(PriceRow.model))  # type: ignore[arg-type]
+    result = await session.execute(sa.select(PriceRow).order_by(PriceRow.model))
     return list(result.scalars())
 
 
@@ -77,7 +77,7 @@ async def upsert_price(session: AsyncSession, model: str, body: Mapping[str, obj
     values.setdefault("cache_read_micros", base // 10)
     row = await session.get(PriceRow, model)
     if row is None:
-        row = PriceRow(model=model, **values)
+        row = PriceRow(model=model, **values)  # type: ignore[arg-type]
     else:
         for column, value in values.items():
             setattr(row, column, value)

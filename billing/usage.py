@@ -98,7 +98,7 @@ def _group_column(group: str, dialect: str) -> sa.ColumnElement[Any]:
         "account": _log.c.account_id,
         "customer": _log.c.customer_id,
     }[group]
-    return column.label(
+    return column.label(  # type: ignore[no-any-return]
         {"key": "key_id", "account": "account_id", "customer": "customer_id"}.get(group, group)
     )
 

@@ -21,6 +21,8 @@ from pool.crypto import CredentialCipher, Secret, fingerprint
 from pool.errors import AccountExists, AccountNotFound, CredentialError
 from pool.models import UpstreamAccount, _utcnow
 
+_accounts = UpstreamAccount.__table__  # type: ignore[attr-defined]
+
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 STATUSES = ("active", "disabled")
 QUARANTINE_REASONS = (
@@ -69,10 +71,7 @@ async def add_account(
     if not 0 < weight <= 1000:
         raise CredentialError("--weight must be greater than 0 and at most 1000")
     existing = await session.execute(
-        sa.select(UpstreamAccount.id).where(
-            UpstreamAccount.name == name,  # type: ignore[arg-type]
-            UpstreamAccount.removed_at.is_(None),  # type: ignore[union-attr]
-        )
+        sa.select(_accounts.c.id).where(_accounts.c.name == name, _accounts.c.removed_at.is_(None))
     )
     if existing.first() is not None:
         raise AccountExists(name)
@@ -94,7 +93,7 @@ async def add_account(
 async def list_accounts(
     session: AsyncSession, *, include_removed: bool = False
 ) -> list[UpstreamAccount]:
-    query = sa.select(UpstreamAccount).order_by(UpstreamAccount.name)  # type: ignore[arg-type]
+    query = sa.select(UpstreamAccount).order_by(UpstreamAccount.name)
     if not include_removed:
         query = query.where(UpstreamAccount.removed_at.is_(None))  # type: ignore[union-attr]
     return list((await session.execute(query)).scalars())

@@ -121,7 +121,6 @@ _PRELUDE = """
 local K_CFG, K_HR, K_INF, K_LEASES, K_Q, K_ERR, K_CB, K_RANK, K_DUE =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local NEARLY = %(nearly)r
-local LID = %(lid)d
 
 local function fmt(x) return string.format('%%.17g', x) end
 
@@ -131,14 +130,15 @@ local function clock(a)
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- pool.headroom.headroom_score, unweighted; also returns the next reset still ahead
-local function score(fams, now, k, e)
+-- pool.headroom.headroom_score, unweighted, with inflight = k and
+-- inflight * expected_tokens_per_request = tok; also returns the next reset still ahead
+local function score(fams, now, k, tok)
   local s, nxt = 1.0, nil
   if fams then
     for name, l, r, t in string.gmatch(fams, '(%%S+) (%%S+) (%%S+) (%%S+)') do
       local lim, rem, rst = tonumber(l), tonumber(r), tonumber(t)
       if lim and rem and lim > 0 and (rst == nil or rst > now) then
-        local use = k * e
+        local use = tok
         if name == 'requests' then use = k end
         local ratio = (rem - use) / lim
         if ratio < s then s = ratio end
@@ -161,12 +161,23 @@ local function q_parse(v)
   return r, tonumber(u), tonumber(s)
 end
 
+local function inf_parse(v)  -- leases, sum of their expected tokens
+  if not v then return 0, 0 end
+  local k, tok = string.match(v, '^(%%d+)|(%%d+)$')
+  return tonumber(k) or 0, tonumber(tok) or 0
+end
+
+local function lease_parse(m)  -- account, expected tokens of a lease member
+  local e, acct = string.match(m, '^%%x+%%-(%%d+):(.*)$')
+  return acct, tonumber(e)
+end
+
 local function grank(g) return K_RANK .. ':g:' .. g end
 
--- 'ok', raw, weighted, group | 'rl', until | 'full' | 'out'
-local function judge(cv, qv, iv, hv, now, e)
+-- 'ok', raw, weighted | 'rl', until | 'full' | 'out'
+local function judge(cv, qv, iv, hv, now)
   if not cv then return 'out' end
-  local maxc, w, g = cfg_parse(cv)
+  local maxc, w = cfg_parse(cv)
   if qv then
     local r, u = q_parse(qv)
     if u == nil or u > now then
@@ -174,10 +185,10 @@ local function judge(cv, qv, iv, hv, now, e)
       return 'out'
     end
   end
-  local k = tonumber(iv or '0')
+  local k, tok = inf_parse(iv)
   if k >= maxc then return 'full' end
-  local raw = score(hv, now, k, e)
-  return 'ok', raw, raw * w, g
+  local raw = score(hv, now, k, tok)
+  return 'ok', raw, raw * w
 end
 
 -- bring an account's rank and due entries up to date with its state
@@ -189,7 +200,7 @@ local function refresh(acct, now)
     return
   end
   local maxc, w, g = cfg_parse(cv)
-  local listed, bound, due = true, 0, nil
+  local listed, weighted, due = true, 0, nil
   local qv = redis.call('HGET', K_Q, acct)
   if qv then
     local _, u = q_parse(qv)
@@ -200,17 +211,17 @@ local function refresh(acct, now)
     end
   end
   if listed then
-    local k = tonumber(redis.call('HGET', K_INF, acct) or '0')
+    local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
     if k >= maxc then
       listed = false
     else
-      local s, nxt = score(redis.call('HGET', K_HR, acct), now, k, 0)
-      bound, due = s * w, nxt
+      local s, nxt = score(redis.call('HGET', K_HR, acct), now, k, tok)
+      weighted, due = s * w, nxt
     end
   end
   if listed then
-    redis.call('ZADD', K_RANK, fmt(bound), acct)
-    if g then redis.call('ZADD', grank(g), fmt(bound), acct) end
+    redis.call('ZADD', K_RANK, fmt(weighted), acct)
+    if g then redis.call('ZADD', grank(g), fmt(weighted), acct) end
   else
     redis.call('ZREM', K_RANK, acct)
     if g then redis.call('ZREM', grank(g), acct) end
@@ -218,23 +229,33 @@ local function refresh(acct, now)
   if due then redis.call('ZADD', K_DUE, fmt(due), acct) else redis.call('ZREM', K_DUE, acct) end
 end
 
+-- add dk leases and dtok expected tokens to an account's in-flight count
+local function inf_add(acct, dk, dtok)
+  local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
+  k, tok = k + dk, tok + dtok
+  if k <= 0 then
+    redis.call('HDEL', K_INF, acct)
+  else
+    if tok < 0 then tok = 0 end
+    redis.call('HSET', K_INF, acct, string.format('%%d|%%d', k, tok))
+  end
+end
+
 -- drop expired leases and refresh accounts whose reset or quarantine end has come
 local function sweep(now)
   local dirty = {}
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now))
   for i = 1, #expired do
-    local acct = string.sub(expired[i], LID + 2)
-    if redis.call('HINCRBY', K_INF, acct, -1) <= 0 then redis.call('HDEL', K_INF, acct) end
-    dirty[acct] = true
+    local acct, e = lease_parse(expired[i])
+    if acct then
+      inf_add(acct, -1, -e)
+      dirty[acct] = true
+    end
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', fmt(now)) end
   local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', fmt(now))
   for i = 1, #due do dirty[due[i]] = true end
   for acct in pairs(dirty) do refresh(acct, now) end
-end
-
-local function hmget(key, ids, from, to)
-  return redis.call('HMGET', key, unpack(ids, from, to))
 end
 """
 
@@ -254,99 +275,87 @@ local function rand(n)  -- Park-Miller; an integer in [0, n)
   return rng % n
 end
 
+local function usable(acct) return not excluded[acct] end
+
 sweep(now)
 
--- score a list of accounts: calls f(acct, status, a, b, c) for each non-excluded member
+-- judge accounts ids[from..to] that are candidates; f(acct, status, a, b) may return true to stop
 local function each(ids, from, to, f)
-  if to < from then return end
-  local mem = hmget(K_CS, ids, from, to)
-  local c, q = hmget(K_CFG, ids, from, to), hmget(K_Q, ids, from, to)
-  local inf, h = hmget(K_INF, ids, from, to), hmget(K_HR, ids, from, to)
+  local function get(key) return redis.call('HMGET', key, unpack(ids, from, to)) end
+  local mem, c, q, inf, h = get(K_CS), get(K_CFG), get(K_Q), get(K_INF), get(K_HR)
   for j = 1, to - from + 1 do
     local acct = ids[from + j - 1]
-    if mem[j] and not excluded[acct] then
-      local st, a, b, g = judge(c[j], q[j], inf[j], h[j], now, e)
-      if f(acct, st, a, b, g) then return true end
+    if mem[j] and usable(acct) then
+      if f(acct, judge(c[j], q[j], inf[j], h[j], now)) then return end
     end
   end
 end
 
-local function one(acct)  -- raw, weighted when the account may serve, else nil
-  local raw, w
-  each({acct}, 1, 1, function(_, st, a, b) if st == 'ok' then raw, w = a, b end end)
-  return raw, w
+local function raw_of(acct)  -- unweighted score when the account may serve, else nil
+  local raw
+  each({acct}, 1, 1, function(_, st, a) if st == 'ok' then raw = a end end)
+  return raw
 end
 
--- walk a rank index from the top: the best exact weighted score among candidates
+-- the best candidate of a rank index (its scores are exact once swept); ties at random
 local function rank_scan(zkey)
-  local best, bacct, braw = -1, nil, nil
-  local pos, n = 0, 4
+  local pos, n = 0, 8
   while true do
     local items = redis.call('ZREVRANGE', zkey, pos, pos + n - 1, 'WITHSCORES')
-    local ids, bounds = {}, {}
-    for i = 1, #items, 2 do
-      ids[#ids + 1] = items[i]
-      bounds[#bounds + 1] = tonumber(items[i + 1])
-    end
-    local done = #ids < n
-    local k = 0
-    each(ids, 1, #ids, function(acct, st, raw, w)
-      k = k + 1
-      while ids[k] ~= acct do k = k + 1 end
-      if bacct and bounds[k] <= best then done = true return true end
-      if st == 'ok' and w > best then best, bacct, braw = w, acct, raw end
-    end)
-    if bacct and #bounds > 0 and bounds[#bounds] <= best then done = true end
-    if done then break end
-    pos = pos + n
-    if n < 128 then n = n * 2 end
-  end
-  if bacct then  -- ties: probe random members of the block whose bound equals the best
-    local sb = fmt(best)
-    local cnt = redis.call('ZCOUNT', zkey, sb, sb)
-    if cnt > 1 then
-      local start = redis.call('ZCOUNT', zkey, '(' .. sb, '+inf')
-      for _ = 1, 3 do
-        local at = start + rand(cnt)
-        local y = redis.call('ZREVRANGE', zkey, at, at)[1]
-        if y == nil or y == bacct then break end
-        local raw, w = one(y)
-        if w == best then bacct, braw = y, raw break end
+    if #items == 0 then return nil end
+    local ids = {}
+    for i = 1, #items, 2 do ids[#ids + 1] = items[i] end
+    local mem = redis.call('HMGET', K_CS, unpack(ids))
+    for j = 1, #ids do
+      if mem[j] and usable(ids[j]) then
+        local best, chosen = items[2 * j], ids[j]
+        local cnt = redis.call('ZCOUNT', zkey, best, best)
+        if cnt > 1 then
+          local start = redis.call('ZCOUNT', zkey, '(' .. best, '+inf')
+          for _ = 1, 3 do
+            local at = start + rand(cnt)
+            local y = redis.call('ZREVRANGE', zkey, at, at)[1]
+            if y and usable(y) and redis.call('HEXISTS', K_CS, y) == 1 then
+              chosen = y
+              break
+            end
+          end
+        end
+        return chosen
       end
     end
+    if #ids < n then return nil end
+    pos = pos + n
+    if n < 256 then n = n * 2 end
   end
-  return bacct, braw
 end
 
--- score every candidate: best overall and best of a group (ties at random)
-local function full_scan(ids, group)
-  local best, bacct, braw, nb = -1, nil, nil, 0
-  local gbest, gacct, graw, ng = -1, nil, nil, 0
+-- the best of the given candidates by their scores in a rank index; ties at random
+local function direct_scan(ids, zkey)
+  local best, chosen, ties = -1, nil, 0
   for from = 1, #ids, 256 do
-    each(ids, from, math.min(from + 255, #ids), function(acct, st, raw, w, g)
-      if st ~= 'ok' then return end
-      if w > best then best, bacct, braw, nb = w, acct, raw, 1
-      elseif w == best then
-        nb = nb + 1
-        if rand(nb) == 0 then bacct, braw = acct, raw end
-      end
-      if group ~= nil and g == group then
-        if w > gbest then gbest, gacct, graw, ng = w, acct, raw, 1
-        elseif w == gbest then
-          ng = ng + 1
-          if rand(ng) == 0 then gacct, graw = acct, raw end
+    local to = math.min(from + 255, #ids)
+    local scores = redis.call('ZMSCORE', zkey, unpack(ids, from, to))
+    for j = 1, to - from + 1 do
+      local s, acct = tonumber(scores[j]), ids[from + j - 1]
+      if s and usable(acct) then
+        if s > best then
+          best, chosen, ties = s, acct, 1
+        elseif s == best then
+          ties = ties + 1
+          if rand(ties) == 0 then chosen = acct end
         end
       end
-    end)
+    end
   end
-  return bacct, braw, gacct, graw
+  return chosen
 end
 
 local chosen, hit, group = nil, 0, nil
 local sticky = false
 if K_AFF then sticky = redis.call('GET', K_AFF) end
 if sticky then
-  local raw = one(sticky)
+  local raw = raw_of(sticky)
   if raw and raw >= NEARLY then
     chosen, hit = sticky, 1
   else
@@ -359,28 +368,36 @@ if sticky then
 end
 
 if not chosen then
-  if redis.call('HLEN', K_CS) <= direct_max then
-    local a, _, ga, graw = full_scan(redis.call('HKEYS', K_CS), group)
-    if ga and graw >= NEARLY then chosen = ga else chosen = a end
-  else
-    if group then
-      local ga, graw = rank_scan(grank(group))
-      if ga and graw >= NEARLY then chosen = ga end
-    end
-    if not chosen then chosen = rank_scan(K_RANK) end
+  local ids = nil
+  if redis.call('HLEN', K_CS) <= direct_max then ids = redis.call('HKEYS', K_CS) end
+  local function best_of(zkey)
+    if ids then return direct_scan(ids, zkey) end
+    return rank_scan(zkey)
   end
+  if group then
+    local ga = best_of(grank(group))
+    if ga then
+      local raw = raw_of(ga)
+      if raw and raw >= NEARLY then chosen = ga end
+    end
+  end
+  if not chosen then chosen = best_of(K_RANK) end
 end
 
 if not chosen then
-  -- nobody can serve: why? (also a safety net should the rank index ever miss someone)
+  -- nobody can serve: why? (also a safety net, should the rank index ever miss someone)
   local ids = redis.call('HKEYS', K_CS)
   local retry, full = nil, {}
   local ok, okw = nil, -1
   for from = 1, #ids, 256 do
     each(ids, from, math.min(from + 255, #ids), function(acct, st, a, b)
-      if st == 'ok' and b > okw then ok, okw = acct, b
-      elseif st == 'rl' and (retry == nil or a - now < retry) then retry = a - now
-      elseif st == 'full' then full[acct] = true end
+      if st == 'ok' and b > okw then
+        ok, okw = acct, b
+      elseif st == 'rl' and (retry == nil or a - now < retry) then
+        retry = a - now
+      elseif st == 'full' then
+        full[acct] = true
+      end
     end)
   end
   if ok then
@@ -389,7 +406,7 @@ if not chosen then
     if next(full) then
       local leases = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
       for i = 1, #leases, 2 do
-        if full[string.sub(leases[i], LID + 2)] then
+        if full[lease_parse(leases[i])] then
           local wait = tonumber(leases[i + 1]) - now
           if retry == nil or wait < retry then retry = wait end
           break
@@ -405,7 +422,7 @@ end
 
 local expires = now + ttl
 redis.call('ZADD', K_LEASES, fmt(expires), lease_id .. ':' .. chosen)
-redis.call('HINCRBY', K_INF, chosen, 1)
+inf_add(chosen, 1, e)
 refresh(chosen, now)
 if K_AFF then redis.call('SET', K_AFF, chosen, 'EX', aff_ttl) end
 redis.call('EXPIRE', K_CS, cs_ttl)
@@ -433,9 +450,9 @@ return 1
 
 _RELEASE = """
 local now, member = clock(ARGV[1]), ARGV[2]
-local acct = string.sub(member, LID + 2)
-if redis.call('ZREM', K_LEASES, member) == 1 then
-  if redis.call('HINCRBY', K_INF, acct, -1) <= 0 then redis.call('HDEL', K_INF, acct) end
+local acct, e = lease_parse(member)
+if acct and redis.call('ZREM', K_LEASES, member) == 1 then
+  inf_add(acct, -1, -e)
   refresh(acct, now)
   return 1
 end
@@ -444,12 +461,13 @@ return 0
 
 _RENEW = """
 local now, member, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local acct = string.sub(member, LID + 2)
+local acct, e = lease_parse(member)
 local expires = now + ttl
+if not acct then return fmt(expires) end
 local known = redis.call('ZSCORE', K_LEASES, member)
 redis.call('ZADD', K_LEASES, fmt(expires), member)
 if not known then
-  redis.call('HINCRBY', K_INF, acct, 1)
+  inf_add(acct, 1, e)
   refresh(acct, now)
 end
 return fmt(expires)
@@ -533,16 +551,16 @@ return 1
 """
 
 _STATES = """
-local now, e = clock(ARGV[1]), tonumber(ARGV[2])
+local now = clock(ARGV[1])
 sweep(now)
 local out = {fmt(now)}
-for i = 3, #ARGV do
+for i = 2, #ARGV do
   local a = ARGV[i]
-  local k = tonumber(redis.call('HGET', K_INF, a) or '0')
+  local k, tok = inf_parse(redis.call('HGET', K_INF, a))
   local h = redis.call('HGET', K_HR, a)
   out[#out + 1] = {
     redis.call('HGET', K_Q, a) or '', tostring(k), h or '',
-    redis.call('HGET', K_ERR, a) or '', fmt(score(h, now, k, e)),
+    redis.call('HGET', K_ERR, a) or '', fmt(score(h, now, k, tok)),
   }
 end
 return out
@@ -550,7 +568,7 @@ return out
 
 
 def _lua(body: str) -> str:
-    return _PRELUDE % {"nearly": NEARLY_EXHAUSTED, "lid": 2 * _LEASE_ID_BYTES} + body
+    return _PRELUDE % {"nearly": NEARLY_EXHAUSTED} + body
 
 
 def _str(value: Any) -> str:
@@ -686,10 +704,11 @@ class Scheduler:
         if affinity is not None:
             keys.append(self._base + "aff:" + affinity[0])
             aff_ttl = str(max(1, int(affinity[1])))
-        lease_id = secrets.token_hex(_LEASE_ID_BYTES)
+        expected = max(0, int(expected_tokens))
+        lease_id = f"{secrets.token_hex(_LEASE_ID_BYTES)}-{expected}"
         args: list[str | int] = [
             _time(now),
-            max(0, int(expected_tokens)),
+            expected,
             self._random.getrandbits(31),
             lease_id,
             repr(self._lease_ttl),
@@ -824,15 +843,13 @@ class Scheduler:
     # -- views -------------------------------------------------------------------------------
 
     async def states(
-        self, account_ids: Sequence[str], now: float | None = None, *, expected_tokens: int = 0
+        self, account_ids: Sequence[str], now: float | None = None
     ) -> dict[str, AccountState]:
-        """The live state of each account. ``score`` is the unweighted headroom score with
-        ``expected_tokens`` per in-flight request, as the scheduler computes it."""
+        """The live state of each account; ``score`` is its unweighted headroom score, as the
+        scheduler computes it."""
         if not account_ids:
             return {}
-        reply = await self._states(
-            keys=self._keys, args=[_time(now), int(expected_tokens), *account_ids]
-        )
+        reply = await self._states(keys=self._keys, args=[_time(now), *account_ids])
         clock = float(_str(reply[0]))
         result: dict[str, AccountState] = {}
         for account_id, row in zip(account_ids, reply[1:], strict=True):

@@ -16,11 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import orjson
-
-try:  # pragma: no cover - import guard
-    from httpx_aiohttp import AiohttpTransport
-except ImportError:  # pragma: no cover
-    AiohttpTransport = None
+from httpx_aiohttp import AiohttpTransport
 
 HOP_BY_HOP = frozenset(
     {
@@ -68,7 +64,7 @@ def make_client(
         connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout
     )
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=60)
-    if use_aiohttp and AiohttpTransport is not None:
+    if use_aiohttp:
         transport = AiohttpTransport(limits=limits, trust_env=False)
         return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
     return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)

@@ -61,4 +61,4 @@ class WorkerSettings:
 
 
 def run_worker(settings: Settings) -> None:
-    arq_run_worker(worker_settings(settings))  # type: ignore[arg-type]
+    arq_run_worker(worker_settings(settings))

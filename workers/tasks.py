@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -71,8 +71,8 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
     return report.as_dict()
 
 
-def _probe_key() -> str:
-    return "poolrelay:{pool}:probe"
+def _probe_key(account_id: str) -> str:
+    return f"poolrelay:probe:{account_id}"
 
 
 async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
@@ -87,7 +87,7 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         account = live.get(account_id)
         if account is None:
             continue
-        state_raw = await services.redis.hget(_probe_key(), account_id)
+        state_raw = await services.redis.get(_probe_key(account_id))
         state = (
             orjson.loads(state_raw) if state_raw else {"next": 0.0, "backoff": PROBE_BACKOFF_MIN}
         )
@@ -96,16 +96,16 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         result = await probe(services.http, account.base_url, account.credential)
         if result.ok:
             await services.scheduler.clear_quarantine(account_id)
-            await services.redis.hdel(_probe_key(), account_id)
+            await services.redis.delete(_probe_key(account_id))
             async with services.db.transaction() as session:
                 await account_repo.record_quarantine(session, account_id, None, None, None)
             log.info("account %s passed its health probe and is back in service", account.name)
         else:
             backoff = min(PROBE_BACKOFF_MAX, state["backoff"] * 2)
-            await services.redis.hset(
-                _probe_key(),
-                account_id,
+            await services.redis.set(
+                _probe_key(account_id),
                 orjson.dumps({"next": now + state["backoff"], "backoff": backoff}),
+                ex=int(PROBE_BACKOFF_MAX * 2),
             )
             async with services.db.transaction() as session:
                 await account_repo.record_quarantine(
@@ -117,7 +117,3 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
                 )
         results.append({"account_id": account_id, "ok": result.ok, "detail": result.detail})
     return results
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)

@@ -62,7 +62,7 @@ import json
 import re
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -946,7 +946,7 @@ def _unix(created_at: object) -> int:
     return 0
 
 
-def models_to_openai(models: list[Mapping[str, Any]]) -> dict[str, Any]:
+def models_to_openai(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Anthropic ``ModelInfo`` objects → OpenAI's ``GET /v1/models`` list."""
     return {
         "object": "list",
