@@ -106,7 +106,13 @@ def create_app(
             (print_token or _print_token)(new_token)
         await tasks.heartbeat(services)
         background = [
-            asyncio.create_task(_every(10, "heartbeat", lambda: tasks.heartbeat(services)))
+            asyncio.create_task(
+                _every(
+                    max(0.5, settings.heartbeat_seconds / 3),
+                    "heartbeat",
+                    lambda: tasks.heartbeat(services),
+                )
+            )
         ]
         if settings.run_jobs_in_process:
             ctx: dict[str, Any] = {"services": services}

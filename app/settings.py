@@ -39,8 +39,9 @@ class Settings(BaseSettings):
     accounts_refresh_seconds: float = Field(default=2.0, gt=0, le=5.0)
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)
     health_interval_seconds: float = Field(default=15.0, gt=0)
-    stale_hold_seconds: float = Field(default=60.0, gt=0)
-    """A hold whose process stopped heart-beating this long ago is left behind by a crash."""
+    heartbeat_seconds: int = Field(default=30, ge=1, le=3600)
+    """A relay process heart-beats in Redis; a hold whose process stopped heart-beating this
+    long ago was left behind by a crash and is finished by reconciliation."""
     log_level: str = "INFO"
     embedded_jobs: bool | None = None
     """Run background jobs inside ``serve``; default: only with ``memory://`` Redis."""

@@ -191,8 +191,19 @@ local function judge(cv, qv, iv, hv, now)
   return 'ok', raw, raw * w
 end
 
--- bring an account's rank and due entries up to date with its state
-local function refresh(acct, now)
+-- bring an account's rank and due entries up to date with its state, after adding dk leases
+-- and dtok expected tokens (optional) to its in-flight count
+local function refresh(acct, now, dk, dtok)
+  local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
+  if dk then
+    k, tok = k + dk, math.max(0, tok + dtok)
+    if k <= 0 then
+      k, tok = 0, 0
+      redis.call('HDEL', K_INF, acct)
+    else
+      redis.call('HSET', K_INF, acct, string.format('%%d|%%d', k, tok))
+    end
+  end
   local cv = redis.call('HGET', K_CFG, acct)
   if not cv then
     redis.call('ZREM', K_RANK, acct)
@@ -211,7 +222,6 @@ local function refresh(acct, now)
     end
   end
   if listed then
-    local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
     if k >= maxc then
       listed = false
     else
@@ -229,44 +239,29 @@ local function refresh(acct, now)
   if due then redis.call('ZADD', K_DUE, fmt(due), acct) else redis.call('ZREM', K_DUE, acct) end
 end
 
--- add dk leases and dtok expected tokens to an account's in-flight count
-local function inf_add(acct, dk, dtok)
-  local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
-  k, tok = k + dk, tok + dtok
-  if k <= 0 then
-    redis.call('HDEL', K_INF, acct)
-  else
-    if tok < 0 then tok = 0 end
-    redis.call('HSET', K_INF, acct, string.format('%%d|%%d', k, tok))
-  end
-end
-
 -- drop expired leases and refresh accounts whose reset or quarantine end has come
 local function sweep(now)
-  local dirty = {}
+  local dk, dtok = {}, {}
   local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', fmt(now))
   for i = 1, #expired do
     local acct, e = lease_parse(expired[i])
-    if acct then
-      inf_add(acct, -1, -e)
-      dirty[acct] = true
-    end
+    if acct then dk[acct], dtok[acct] = (dk[acct] or 0) - 1, (dtok[acct] or 0) - e end
   end
   if #expired > 0 then redis.call('ZREMRANGEBYSCORE', K_LEASES, '-inf', fmt(now)) end
   local due = redis.call('ZRANGEBYSCORE', K_DUE, '-inf', fmt(now))
-  for i = 1, #due do dirty[due[i]] = true end
-  for acct in pairs(dirty) do refresh(acct, now) end
+  for i = 1, #due do dk[due[i]], dtok[due[i]] = dk[due[i]] or 0, dtok[due[i]] or 0 end
+  for acct, d in pairs(dk) do refresh(acct, now, d, dtok[acct]) end
 end
 """
 
 _ACQUIRE = """
 local K_CS, K_AFF = KEYS[10], KEYS[11]
-if redis.call('EXISTS', K_CS) == 0 then return {'NOSET'} end
+if redis.call('EXPIRE', K_CS, ARGV[8]) == 0 then return {'NOSET'} end
 local now = clock(ARGV[1])
 local e = tonumber(ARGV[2])
 local rng = tonumber(ARGV[3]) % 2147483646 + 1
 local lease_id, ttl, aff_ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-local direct_max, cs_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local direct = ARGV[7] == '1'
 local excluded = {}
 for i = 9, #ARGV do excluded[ARGV[i]] = true end
 
@@ -308,8 +303,8 @@ local function rank_scan(zkey)
     local mem = redis.call('HMGET', K_CS, unpack(ids))
     for j = 1, #ids do
       if mem[j] and usable(ids[j]) then
-        local best, chosen = items[2 * j], ids[j]
-        local cnt = redis.call('ZCOUNT', zkey, best, best)
+        local best, chosen, cnt = items[2 * j], ids[j], 1
+        if j == #ids or items[2 * j + 2] == best then cnt = redis.call('ZCOUNT', zkey, best, best) end
         if cnt > 1 then
           local start = redis.call('ZCOUNT', zkey, '(' .. best, '+inf')
           for _ = 1, 3 do
@@ -369,7 +364,7 @@ end
 
 if not chosen then
   local ids = nil
-  if redis.call('HLEN', K_CS) <= direct_max then ids = redis.call('HKEYS', K_CS) end
+  if direct then ids = redis.call('HKEYS', K_CS) end
   local function best_of(zkey)
     if ids then return direct_scan(ids, zkey) end
     return rank_scan(zkey)
@@ -422,10 +417,8 @@ end
 
 local expires = now + ttl
 redis.call('ZADD', K_LEASES, fmt(expires), lease_id .. ':' .. chosen)
-inf_add(chosen, 1, e)
-refresh(chosen, now)
+refresh(chosen, now, 1, e)
 if K_AFF then redis.call('SET', K_AFF, chosen, 'EX', aff_ttl) end
-redis.call('EXPIRE', K_CS, cs_ttl)
 return {'OK', chosen, fmt(expires), hit}
 """
 
@@ -452,8 +445,7 @@ _RELEASE = """
 local now, member = clock(ARGV[1]), ARGV[2]
 local acct, e = lease_parse(member)
 if acct and redis.call('ZREM', K_LEASES, member) == 1 then
-  inf_add(acct, -1, -e)
-  refresh(acct, now)
+  refresh(acct, now, -1, -e)
   return 1
 end
 return 0
@@ -466,10 +458,7 @@ local expires = now + ttl
 if not acct then return fmt(expires) end
 local known = redis.call('ZSCORE', K_LEASES, member)
 redis.call('ZADD', K_LEASES, fmt(expires), member)
-if not known then
-  inf_add(acct, 1, e)
-  refresh(acct, now)
-end
+if not known then refresh(acct, now, 1, e) end
 return fmt(expires)
 """
 
@@ -713,7 +702,7 @@ class Scheduler:
             lease_id,
             repr(self._lease_ttl),
             aff_ttl,
-            self._direct_scan_max,
+            "1" if len(candidates) <= self._direct_scan_max else "0",
             self._candidate_set_ttl,
             *exclude,
         ]

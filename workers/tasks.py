@@ -15,13 +15,13 @@ import orjson
 from app.relay.service import progress_key
 from app.state import Services
 from billing import reconcile
+from billing.models import Hold
 from billing.pricing import Usage
 from pool import accounts as account_repo
 from pool.health import probe
 
 log = logging.getLogger("poolrelay.jobs")
 
-HEARTBEAT_TTL = 30
 MAX_REQUEST_AGE = timedelta(hours=3)
 PROBE_BACKOFF_MIN = 5.0
 PROBE_BACKOFF_MAX = 600.0
@@ -32,7 +32,9 @@ def instance_key(instance_id: str) -> str:
 
 
 async def heartbeat(services: Services) -> None:
-    await services.redis.set(instance_key(services.instance_id), b"1", ex=HEARTBEAT_TTL)
+    await services.redis.set(
+        instance_key(services.instance_id), b"1", ex=services.settings.heartbeat_seconds
+    )
 
 
 async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +47,12 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
 
     report = reconcile.Report()
     book = await services.prices.book()
-    async with services.db.transaction() as session:
-        stale = await reconcile.stale_holds(session, is_alive=is_alive, max_age=MAX_REQUEST_AGE)
+    stale: list[Hold] = []
+    if not (ctx.get("worker") and services.settings.is_memory_redis):
+        # A separate process with an in-memory Redis cannot see the server's heartbeats: it
+        # only checks the books; the embedded server finishes its own left-behind holds.
+        async with services.db.transaction() as session:
+            stale = await reconcile.stale_holds(session, is_alive=is_alive, max_age=MAX_REQUEST_AGE)
     for hold in stale:
         raw = await services.redis.get(progress_key(hold.request_id))
         progress = None
