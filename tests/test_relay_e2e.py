@@ -280,3 +280,73 @@ def test_restart_keeps_everything(settings_env: dict[str, str], fake: FakeUpstre
         assert len(relay.ledger(customer_id)) == 3
     finally:
         relay.stop()
+
+
+RECORDED = (
+    b"event: message_start\r\n"
+    b'data: {"type": "message_start", "message": {"id": "msg_rec", "type": "message", "role": "assistant",'
+    b' "model": "claude-haiku-4-5-20251001", "content": [], "stop_reason": null, "stop_sequence": null,'
+    b' "usage": {"input_tokens": 706, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,'
+    b' "output_tokens": 1}}}\r\n\r\n'
+    b": a comment line\r\n\r\n"
+    b"event: content_block_start\r\n"
+    b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\r\n\r\n'
+    b'event: ping\r\ndata: {"type": "ping"}\r\n\r\n'
+    b"event: content_block_delta\r\n"
+    b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Caf\xc3\xa9 \\u00e9"}}\r\n\r\n'
+    b'event: future_event\r\ndata: {"type":"future_event","x":1}\r\n\r\n'
+    b'event: content_block_stop\r\ndata: {"type":"content_block_stop","index":0}\r\n\r\n'
+    b"event: message_delta\r\n"
+    b'data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":13}}\r\n\r\n'
+    b'event: message_stop\r\ndata: {"type":"message_stop"}\r\n\r\n'
+)
+
+
+def recorded_upstream() -> object:
+    """An upstream that replays a recording in awkward chunks (split mid-line, mid-UTF-8)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def messages(request: Request) -> StreamingResponse:
+        async def chunks() -> object:
+            for i in range(0, len(RECORDED), 37):
+                yield RECORDED[i : i + 37]
+
+        return StreamingResponse(
+            chunks(),  # type: ignore[arg-type]
+            media_type="text/event-stream; charset=utf-8",
+            headers={"request-id": "req_recorded", "anthropic-organization-id": "org-x"},
+        )
+
+    return Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])])
+
+
+def test_raw_sse_through_the_relay_equals_the_upstream_bytes(relay: RelayServer) -> None:
+    from tests.harness import ThreadServer
+
+    upstream = ThreadServer(recorded_upstream())
+    upstream.start_thread()
+    try:
+        relay.add_account("recorded", UPSTREAM_KEY, upstream.url)
+        customer_id, key = relay.create_customer(balance_usd="1")
+        with httpx.stream(
+            "POST",
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key},
+            json={"model": MODEL, "max_tokens": 100, "stream": True, "messages": []},
+            timeout=30,
+        ) as response:
+            relayed = b"".join(response.iter_raw())
+            headers = response.headers
+        assert relayed == RECORDED
+        assert headers["content-type"].startswith("text/event-stream")
+        assert headers["request-id"] == "req_recorded"
+        assert "anthropic-organization-id" not in headers
+        # billed from message_start overwritten by the last message_delta: 706 in, 13 out
+        debit = next(e for e in relay.ledger(customer_id) if e["kind"] == "usage")
+        assert debit["amount_usd"] == "-0.000771"
+    finally:
+        upstream.stop()
