@@ -13,6 +13,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -68,6 +70,11 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     )
 
 
+def libpq_url(url: str) -> str:
+    """The plain ``postgresql://`` URL that psycopg understands."""
+    return "postgresql://" + async_url(url)[len("postgresql+psycopg://") :]
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
@@ -75,6 +82,37 @@ class Database:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._lock = asyncio.Lock() if self.is_sqlite else None
+        self._pool_size = pool_size
+        self._raw_pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._raw_lock = asyncio.Lock()
+
+    @property
+    def has_fast_path(self) -> bool:
+        """PostgreSQL runs the hot billing statements as single statements on raw connections."""
+        return not self.is_sqlite
+
+    @contextlib.asynccontextmanager
+    async def raw(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """An autocommit psycopg connection (PostgreSQL only) for single-statement hot paths.
+
+        The relay's hold and settlement are one statement each on PostgreSQL (data-modifying
+        CTEs), so they need no transaction block and no ORM: one round trip, prepared once per
+        connection.
+        """
+        if self._raw_pool is None:
+            async with self._raw_lock:
+                if self._raw_pool is None:
+                    pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+                        libpq_url(self.url),
+                        min_size=2,
+                        max_size=self._pool_size * 3,
+                        kwargs={"autocommit": True, "prepare_threshold": 0},
+                        open=False,
+                    )
+                    await pool.open()
+                    self._raw_pool = pool
+        async with self._raw_pool.connection() as conn:
+            yield conn
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -93,4 +131,7 @@ class Database:
             await session.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
+        if self._raw_pool is not None:
+            await self._raw_pool.close()
+            self._raw_pool = None
         await self.engine.dispose()

@@ -13,9 +13,11 @@ what its in-flight requests are expected to use:
 * a family whose reset time has passed is full again: it counts as 1.0, whatever its numbers;
 * ``score = min(1.0, min_f ratio_f)`` clamped at 0.0; an account never seen (no families yet)
   scores 1.0;
+* the scheduler tracks each lease's own expected tokens, so it passes, per account, the mean
+  over its in-flight leases as ``expected_tokens_per_request`` (the sum is what it subtracts);
 * the final score is ``score * weight``. ``weight`` (≥ 0, default 1.0) is the operator's
-  preference: 0.5 halves an account's share of the traffic that headroom alone would give it,
-  0 makes it a last resort. "Nearly exhausted" (:func:`is_nearly_exhausted`) is judged on the
+  preference: at 0.5 an account looks half as free as it is, so the others are drawn on first;
+  at 0 it is a last resort. "Nearly exhausted" (:func:`is_nearly_exhausted`) is judged on the
   unweighted score, because it is about the upstream's limits, not the operator's preference.
 """
 
@@ -202,7 +204,7 @@ def headroom_score(
     *,
     now: float,
     inflight: int,
-    expected_tokens_per_request: int,
+    expected_tokens_per_request: float,
     weight: float = 1.0,
 ) -> float:
     """The account's headroom in [0, weight]: see the module docstring for the rule."""

@@ -1,36 +1,43 @@
 """The scheduler: which upstream account serves the next request, decided atomically in Redis.
 
-Every decision is ONE Lua script call, so several relay processes share one view of headroom,
-leases, quarantines and affinity. Nothing lives only in process memory.
+Every decision is ONE Lua script call (EVALSHA), so several relay processes share one view of
+headroom, leases, quarantines and affinity. Nothing lives only in process memory.
 
 Redis key schema (``P`` = ``{prefix}:{pool}:``; every key shares the ``{pool}`` hash tag, so
-the scripts are legal on Redis Cluster)::
+all of them live in one slot and the scripts run on Redis Cluster; the fixed keys, the
+candidate list and the affinity key are passed in KEYS, the group indexes are named inside the
+scripts)::
 
     P cfg          HASH  account -> "max_concurrency|weight|group"  (latest candidate list wins)
     P hr           HASH  account -> "family limit remaining reset ..."  (last rate-limit headers;
                                      reset in epoch seconds, "-" when absent)
-    P inflight     HASH  account -> number of live leases (field absent = 0)
-    P leases       ZSET  "<lease id>:<account>" scored by expiry (epoch seconds)
+    P inflight     HASH  account -> "leases|tokens": live leases and the sum of their expected
+                                     tokens (field absent = none)
+    P leases       ZSET  "<lease id>:<account>" scored by expiry (epoch seconds); a lease id is
+                         "<16 hex>-<expected tokens>"
     P q            HASH  account -> "reason|until|since"  (quarantine; until "" = until cleared)
     P err          HASH  account -> last upstream error (text)
     P cb           HASH  account -> "failures|window start|trips"  (circuit breaker)
-    P rank         ZSET  account scored by an UPPER BOUND of its weighted headroom score
-                         (the exact score with expected_tokens = 0); only accounts that are
+    P rank         ZSET  account scored by its weighted headroom score; only accounts that are
                          configured, not quarantined and below their concurrency cap are in it
     P rank:g:<g>   ZSET  the same, for the accounts of group <g>
-    P due          ZSET  account scored by the next time its rank entry changes on its own
-                         (the next rate-limit reset ahead, or the end of its quarantine)
-    P cs:<digest>  HASH  account -> "1": one candidate list, registered once (expires after a
-                         day unused); the digest is over the list's encoding
+    P due          ZSET  account scored by the next time its score changes on its own (the next
+                         rate-limit reset ahead, or the end of its quarantine)
+    P cs:<digest>  HASH  account -> "1": one candidate list, registered on first use (expires
+                         after a day unused); the digest is over the list's encoding
     P aff:<key>    STRING account, with the affinity TTL (key from ``pool.affinity``)
 
-Why the rank index: a decision must cost about the same at 10 and at 1,000 accounts. The exact
-score only ever falls below the bound (more expected tokens, same everything else), and every
-change to an account's state (headers, leases, quarantine, configuration, a reset passing via
-``due``) refreshes its bound, so the script walks ``rank`` from the top, computes exact scores,
-and stops as soon as the next bound cannot beat the best exact score found. Ties are broken
-at random (a seed is passed in ARGV). Candidate lists of at most ``direct_scan_max`` accounts
-are simply scored in full.
+Headroom (``pool.headroom.headroom_score``) counts what in-flight requests will use. Each lease
+records the expected tokens of ITS request, so an account's in-flight token use is the sum over
+its leases (= in-flight count × their mean expected tokens, the ``expected_tokens_per_request``
+the scheduler feeds the scoring rule). The score therefore depends on the account's own state
+only, never on the request being placed, and can be kept in the ``rank`` index: every change
+(headers, a lease taken, released or expired, a quarantine, a new configuration, a reset or a
+quarantine end passing, via ``due``) re-scores that one account. A decision reads the top of
+``rank`` (or of ``rank:g:<group>`` for affinity's group fallback) and costs the same at 10 and
+at 1,000 accounts. Ties are broken at random (a seed is passed in ARGV). A candidate list of at
+most ``direct_scan_max`` accounts is instead scored through ``ZMSCORE`` on its members, which
+stays cheap when the list is a small part of a large pool.
 
 Time is the ``now`` argument when given (tests), else the Redis server's ``TIME``; use one or
 the other consistently.
@@ -195,7 +202,7 @@ end
 -- and dtok expected tokens (optional) to its in-flight count
 local function refresh(acct, now, dk, dtok)
   local k, tok = inf_parse(redis.call('HGET', K_INF, acct))
-  if dk then
+  if dk and dk ~= 0 then
     k, tok = k + dk, math.max(0, tok + dtok)
     if k <= 0 then
       k, tok = 0, 0
@@ -369,8 +376,11 @@ if not chosen then
     if ids then return direct_scan(ids, zkey) end
     return rank_scan(zkey)
   end
-  if group then
+  if group then  -- another account of the sticky one's group (not the sticky one itself)
+    local was = excluded[sticky]
+    excluded[sticky] = true
     local ga = best_of(grank(group))
+    excluded[sticky] = was
     if ga then
       local raw = raw_of(ga)
       if raw and raw >= NEARLY then chosen = ga end

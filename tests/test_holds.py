@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -43,6 +44,34 @@ async def new_customer(db: Database, balance_micros: int) -> str:
         return customer.id
 
 
+PATHS = ["session", "fast"] if os.environ.get("POOLRELAY_TEST_DATABASE_URL") else ["session"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request: pytest.FixtureRequest) -> str:
+    """The session (multi-statement) path, and on PostgreSQL the single-statement fast path."""
+    return str(request.param)
+
+
+async def place(db: Database, path: str, request: HoldRequest) -> None:
+    if path == "fast":
+        async with db.raw() as conn:
+            await holds.place_fast(conn, request)
+    else:
+        async with db.transaction() as session:
+            await holds.place(session, request)
+
+
+async def settle(
+    db: Database, path: str, request_id: str, usage: Usage | None, cost: int, outcome: Outcome
+) -> bool:
+    if path == "fast":
+        async with db.raw() as conn:
+            return await holds.settle_fast(conn, request_id, usage, cost, outcome)
+    async with db.transaction() as session:
+        return await holds.settle(session, request_id, usage, cost, outcome)
+
+
 def hold_request(customer_id: str, amount: int) -> HoldRequest:
     return HoldRequest(
         request_id=new_id("req"),
@@ -60,14 +89,13 @@ async def balances(db: Database, customer_id: str) -> tuple[int, int, int]:
         return customer.balance_micros, customer.held_micros, total
 
 
-def test_concurrent_holds_never_exceed_the_balance(database_url: str) -> None:
+def test_concurrent_holds_never_exceed_the_balance(database_url: str, path: str) -> None:
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 20 * 1_000)
 
         async def attempt() -> bool:
             try:
-                async with db.transaction() as session:
-                    await holds.place(session, hold_request(customer_id, 1_000))
+                await place(db, path, hold_request(customer_id, 1_000))
                 return True
             except InsufficientBalance:
                 return False
@@ -82,7 +110,7 @@ def test_concurrent_holds_never_exceed_the_balance(database_url: str) -> None:
     run(database_url, body)
 
 
-def test_settle_charges_once_and_releases_the_rest(database_url: str) -> None:
+def test_settle_charges_once_and_releases_the_rest(database_url: str, path: str) -> None:
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 10_000)
         request = hold_request(customer_id, 4_000)
@@ -110,7 +138,7 @@ def test_settle_charges_once_and_releases_the_rest(database_url: str) -> None:
     run(database_url, body)
 
 
-def test_cost_above_the_hold_is_charged_in_full(database_url: str) -> None:
+def test_cost_above_the_hold_is_charged_in_full(database_url: str, path: str) -> None:
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 1_000)
         request = hold_request(customer_id, 1_000)
@@ -126,24 +154,20 @@ def test_cost_above_the_hold_is_charged_in_full(database_url: str) -> None:
     run(database_url, body)
 
 
-def test_release_charges_nothing_and_refusals_change_nothing(database_url: str) -> None:
+def test_release_charges_nothing_and_refusals_change_nothing(database_url: str, path: str) -> None:
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 5_000)
         request = hold_request(customer_id, 5_000)
-        async with db.transaction() as session:
-            await holds.place(session, request)
+        await place(db, path, request)
         with pytest.raises(InsufficientBalance) as info:
-            async with db.transaction() as session:
-                await holds.place(session, hold_request(customer_id, 1))
+            await place(db, path, hold_request(customer_id, 1))
         assert info.value.available_micros == 0
-        async with db.transaction() as session:
-            assert await holds.release(session, request.request_id, Outcome(status="failed"))
+        assert await settle(db, path, request.request_id, None, 0, Outcome(status="failed"))
         assert await balances(db, customer_id) == (5_000, 0, 5_000)
         async with db.transaction() as session:
             await customers.update_customer(session, customer_id, status="suspended")
         with pytest.raises(CustomerSuspended):
-            async with db.transaction() as session:
-                await holds.place(session, hold_request(customer_id, 1))
+            await place(db, path, hold_request(customer_id, 1))
         assert await balances(db, customer_id) == (5_000, 0, 5_000)
 
     run(database_url, body)

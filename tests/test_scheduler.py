@@ -40,13 +40,12 @@ def _real_url() -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/14", parts.query, parts.fragment))
 
 
-async def _client(backend: str) -> aioredis.Redis:
+async def _client(backend: str) -> Any:
     if backend == "fake":
-        client: Any = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        return client  # type: ignore[no-any-return]
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     client = aioredis.Redis.from_url(_real_url())
     await client.flushdb()
-    return client  # type: ignore[no-any-return]
+    return client
 
 
 Body = Callable[[Scheduler], Awaitable[None]]
@@ -154,7 +153,9 @@ def test_in_flight_requests_spread_the_load(env: Env) -> None:
     async def body(s: Scheduler) -> None:
         await seed(s, {"a": 0.6, "b": 0.5})
         pool = cands("a", "b", cap=1000)
-        picks = [(await s.acquire(pool, expected_tokens=2000, now=NOW)).account_id for _ in range(20)]
+        picks = [
+            (await s.acquire(pool, expected_tokens=2000, now=NOW)).account_id for _ in range(20)
+        ]
         # each lease on a costs 2 % of its token bucket: a is chosen until it falls below b
         assert picks[:5] == ["a"] * 5
         assert set(picks[5:]) == {"a", "b"}
@@ -167,7 +168,7 @@ def test_in_flight_requests_spread_the_load(env: Env) -> None:
 def test_ties_are_broken_at_random(env: Env) -> None:
     async def body(s: Scheduler) -> None:
         pool = cands("a", "b", "c", "d")  # never seen: all score 1.0
-        counts = Counter()
+        counts: Counter[str] = Counter()
         for _ in range(200):
             lease = await s.acquire(pool, expected_tokens=0, now=NOW)
             counts[lease.account_id] += 1
@@ -475,11 +476,27 @@ def test_affinity_moves_when_nearly_exhausted(env: Env) -> None:
     async def body(s: Scheduler) -> None:
         await seed(s, {"a": 0.9, "b": 0.02, "x": 0.5})
         pool = (*cands("a", "b", group="g"), *cands("x"))
-        assert (await s.acquire(pool, expected_tokens=0, affinity=("k", 60), now=NOW)).account_id == "a"
+        assert (
+            await s.acquire(pool, expected_tokens=0, affinity=("k", 60), now=NOW)
+        ).account_id == "a"
         await s.record_headers("a", headers(0.01), NOW)
         # a is nearly exhausted; b (its group) too: the best account overall takes over
         moved = await s.acquire(pool, expected_tokens=0, affinity=("k", 60), now=NOW)
         assert (moved.account_id, moved.affinity_hit) == ("x", False)
+
+    env.run(body)
+
+
+def test_affinity_leaves_a_nearly_exhausted_account_for_its_group(env: Env) -> None:
+    async def body(s: Scheduler) -> None:
+        await seed(s, {"a": 0.9, "b": 0.3, "x": 0.5})
+        pool = (*cands("a", "b", group="g"), *cands("x"))
+        assert (
+            await s.acquire(pool, expected_tokens=0, affinity=("k", 60), now=NOW)
+        ).account_id == "a"
+        await s.record_headers("a", headers(0.04), NOW)
+        moved = await s.acquire(pool, expected_tokens=0, affinity=("k", 60), now=NOW)
+        assert (moved.account_id, moved.affinity_hit) == ("b", False)
 
     env.run(body)
 
@@ -494,7 +511,9 @@ def test_affinity_ttl_is_set_and_renewed(env: Env) -> None:
         assert hit.affinity_hit
         assert 3590 <= await env.client.ttl(key) <= 3600
         await env.client.delete(key)  # what expiry does
-        assert not (await s.acquire(pool, expected_tokens=0, affinity=("k", 300), now=NOW)).affinity_hit
+        assert not (
+            await s.acquire(pool, expected_tokens=0, affinity=("k", 300), now=NOW)
+        ).affinity_hit
 
     env.run(body)
 
@@ -545,17 +564,13 @@ def test_forget(env: Env) -> None:
     env.run(body)
 
 
-def test_candidate_validation() -> None:
-    for bad in (
-        lambda: Candidate("", 1),
-        lambda: Candidate("a|b", 1),
-        lambda: Candidate("a", 0),
-        lambda: Candidate("a", 1, -1.0),
-        lambda: Candidate("a", 1, float("nan")),
-        lambda: Candidate("a", 1, 1.0, "g\n"),
-    ):
-        with pytest.raises(ValueError):
-            bad()
+@pytest.mark.parametrize(
+    "args",
+    [("", 1), ("a|b", 1), ("a", 0), ("a", 1, -1.0), ("a", 1, float("nan")), ("a", 1, 1.0, "g\n")],
+)
+def test_candidate_validation(args: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError):
+        Candidate(*args)
 
 
 # -- the Lua rule is the Python rule ----------------------------------------------------------
@@ -567,7 +582,9 @@ family_st = st.builds(
     st.one_of(st.none(), st.integers(-120, 120)),
 )
 families_st = st.dictionaries(
-    st.sampled_from(["requests", "tokens", "input-tokens", "output-tokens", "priority-input-tokens"]),
+    st.sampled_from(
+        ["requests", "tokens", "input-tokens", "output-tokens", "priority-input-tokens"]
+    ),
     family_st,
     max_size=5,
 )
@@ -637,7 +654,9 @@ def test_acquire_picks_a_best_python_score(
         for i, (families, inflight, weight) in enumerate(accounts):
             await s.record_headers(f"acct{i}", to_headers(families), NOW)
             for _ in range(inflight):
-                await s.acquire((Candidate(f"acct{i}", 10, weight),), expected_tokens=expected, now=NOW)
+                await s.acquire(
+                    (Candidate(f"acct{i}", 10, weight),), expected_tokens=expected, now=NOW
+                )
         scores = {
             f"acct{i}": python_score(families, inflight, expected, weight)
             for i, (families, inflight, weight) in enumerate(accounts)

@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

@@ -158,21 +158,24 @@ class Relay:
         amount = hold_micros(body, price, key.price_multiplier)
         stream = bool(body.get("stream"))
         log_bodies = self.services.settings.log_bodies
-        async with self.services.db.transaction() as session:
-            await holds.place(
-                session,
-                HoldRequest(
-                    request_id=request_id,
-                    customer_id=key.customer_id,
-                    key_id=key.key_id,
-                    amount_micros=amount,
-                    instance_id=self.services.instance_id,
-                    endpoint=endpoint,
-                    requested_model=model,
-                    stream=stream,
-                    request_body=raw.decode("utf-8", "replace") if log_bodies else None,
-                ),
-            )
+        hold = HoldRequest(
+            request_id=request_id,
+            customer_id=key.customer_id,
+            key_id=key.key_id,
+            amount_micros=amount,
+            instance_id=self.services.instance_id,
+            endpoint=endpoint,
+            requested_model=model,
+            stream=stream,
+            request_body=raw.decode("utf-8", "replace") if log_bodies else None,
+        )
+        db = self.services.db
+        if db.has_fast_path:
+            async with db.raw() as conn:
+                await holds.place_fast(conn, hold)
+        else:
+            async with db.transaction() as session:
+                await holds.place(session, hold)
         return Billed(request_id, key, price, amount, started, stream, model)
 
     async def settle(
@@ -190,8 +193,13 @@ class Relay:
         outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
         for attempt in range(3):
             try:
-                async with self.services.db.transaction() as session:
-                    await holds.settle(session, billed.request_id, usage, cost, outcome)
+                db = self.services.db
+                if db.has_fast_path:
+                    async with db.raw() as conn:
+                        await holds.settle_fast(conn, billed.request_id, usage, cost, outcome)
+                else:
+                    async with db.transaction() as session:
+                        await holds.settle(session, billed.request_id, usage, cost, outcome)
                 break
             except Exception:
                 if attempt == 2:
