@@ -65,8 +65,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
         return engine
+    # The ORM engine serves the admin API, auth lookups and jobs; the relay's hot statements
+    # use the raw pool (``Database.raw``). Together at most ~3 × pool_size connections.
     return create_async_engine(
-        aurl, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=False
+        aurl, pool_size=max(2, pool_size // 2), max_overflow=pool_size // 2, pool_pre_ping=False
     )
 
 
@@ -105,7 +107,7 @@ class Database:
                     pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
                         libpq_url(self.url),
                         min_size=2,
-                        max_size=self._pool_size * 3,
+                        max_size=self._pool_size * 2,
                         kwargs={"autocommit": True, "prepare_threshold": 0},
                         open=False,
                     )

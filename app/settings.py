@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=33_554_432, ge=1024)
 
     # Beyond the contract's table: operational knobs with sensible defaults.
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    """Per process: ~3× this many PostgreSQL connections at most (ORM pool + hot-path pool)."""
     key_file: Path = Path("./poolrelay.key")
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
     upstream_read_timeout: float = Field(default=600.0, gt=0)

@@ -104,7 +104,7 @@ class Services:
 
 
 def build_services(settings: Settings) -> Services:
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.db_pool_size)
     cipher = CredentialCipher(load_encryption_keys(settings))
     redis = make_redis(settings.redis_url)
 

@@ -24,41 +24,40 @@ from billing.ids import new_id
 from billing.pricing import Usage
 
 
-async def one_request(db: Database, customer_id: str, latencies: list[float]) -> None:
+async def one_request(db: Database, customer_id: str, latencies: list[float], fast: bool) -> None:
     start = time.perf_counter()
     request_id = new_id("req")
-    async with db.transaction() as session:
-        await holds.place(
-            session,
-            HoldRequest(
-                request_id=request_id,
-                customer_id=customer_id,
-                key_id="key_bench",
-                amount_micros=1_000,
-                instance_id="bench",
-                requested_model="claude-haiku-4-5",
-            ),
-        )
-    async with db.transaction() as session:
-        await holds.settle(
-            session,
-            request_id,
-            Usage(input_tokens=100, output_tokens=50),
-            350,
-            Outcome(status="ok"),
-        )
+    hold = HoldRequest(
+        request_id=request_id,
+        customer_id=customer_id,
+        key_id="key_bench",
+        amount_micros=1_000,
+        instance_id="bench",
+        requested_model="claude-haiku-4-5",
+    )
+    usage = Usage(input_tokens=100, output_tokens=50)
+    if fast:
+        async with db.raw() as conn:
+            await holds.place_fast(conn, hold)
+        async with db.raw() as conn:
+            await holds.settle_fast(conn, request_id, usage, 350, Outcome(status="ok"))
+    else:
+        async with db.transaction() as session:
+            await holds.place(session, hold)
+        async with db.transaction() as session:
+            await holds.settle(session, request_id, usage, 350, Outcome(status="ok"))
     latencies.append(time.perf_counter() - start)
 
 
 async def scenario(
-    db: Database, customer_ids: list[str], total: int, concurrency: int
+    db: Database, customer_ids: list[str], total: int, concurrency: int, fast: bool = False
 ) -> dict[str, float]:
     latencies: list[float] = []
     queue = iter(range(total))
 
     async def worker(n: int) -> None:
         for i in queue:
-            await one_request(db, customer_ids[(i + n) % len(customer_ids)], latencies)
+            await one_request(db, customer_ids[(i + n) % len(customer_ids)], latencies, fast)
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -75,7 +74,7 @@ async def scenario(
 
 
 async def main(url: str, total: int, concurrency: int) -> None:
-    db = Database(url, pool_size=concurrency)
+    db = Database(url, pool_size=16)
     async with db.transaction() as session:
         ids = []
         for _ in range(200):
@@ -84,15 +83,28 @@ async def main(url: str, total: int, concurrency: int) -> None:
                 session, customer.id, "topup", 10**12, memo=None, idempotency_key=None
             )
             ids.append(customer.id)
-    await scenario(db, ids, 200, 8)  # warm up connections and statement caches
-    print(f"backend: {db.engine.dialect.name}, {total} billed requests, concurrency {concurrency}")
+    paths = [("session (baseline)", False)] + (
+        [("single statement", True)] if db.has_fast_path else []
+    )
+    for _, fast in paths:
+        await scenario(db, ids, 200, 8, fast)  # warm up connections and statement caches
+    print(f"backend: {db.engine.dialect.name}, {total} billed requests per run")
     for label, pool in (("one hot customer", ids[:1]), ("many customers (200)", ids)):
         for c in (1, concurrency):
-            r = await scenario(db, pool, total if c > 1 else total // 4, c)
-            print(
-                f"  {label:<22} c={c:<3} {r['rps']:8.0f} billed req/s   added p50 {r['p50_ms']:6.2f} ms"
-                f"   p99 {r['p99_ms']:6.2f} ms   relay CPU {r['cpu_ms_per_request']:.3f} ms/req"
-            )
+            baseline: dict[str, float] | None = None
+            for path_label, fast in paths:
+                r = await scenario(db, pool, total if c > 1 else total // 4, c, fast)
+                ratio = (
+                    f"  ×{r['rps'] / baseline['rps']:.2f} req/s, ×{r['cpu_ms_per_request'] / baseline['cpu_ms_per_request']:.2f} CPU vs baseline"
+                    if baseline
+                    else ""
+                )
+                baseline = baseline or r
+                print(
+                    f"  {label:<20} c={c:<3} {path_label:<19} {r['rps']:7.0f} billed req/s"
+                    f"  added p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:7.2f} ms"
+                    f"  CPU {r['cpu_ms_per_request']:.3f} ms/req{ratio}"
+                )
     await db.dispose()
 
 
