@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from app import errors
 from app.admin import accounts as admin_accounts
+from app.admin import aliases as admin_aliases
 from app.admin import customers as admin_customers
 from app.admin import prices as admin_prices
 from app.admin import usage as admin_usage
@@ -189,7 +190,7 @@ def create_app(
         return errors.anthropic_response(ApiError(500, "api_error", "Internal server error"))
 
     admin = [Depends(require_admin)]
-    for module in (admin_customers, admin_accounts, admin_prices, admin_usage):
+    for module in (admin_customers, admin_accounts, admin_prices, admin_aliases, admin_usage):
         app.include_router(module.router, dependencies=admin)
 
     @app.get("/healthz", tags=["health"])

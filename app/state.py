@@ -12,7 +12,9 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
@@ -22,14 +24,17 @@ from app.auth import KeyAuthenticator
 from app.db import Database
 from app.redis import make_redis
 from app.settings import Settings
+from billing import aliases as alias_repo
 from billing import prices as price_repo
-from billing.pricing import Price, PriceBook
+from billing.pricing import PriceBook
 from pool import accounts as account_repo
 from pool.accounts import AccountDirectory
 from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
 from pool.scheduler import Scheduler
 from pool.upstream import make_client
+
+T = TypeVar("T")
 
 
 def load_encryption_keys(settings: Settings) -> list[bytes]:
@@ -48,25 +53,27 @@ def load_encryption_keys(settings: Settings) -> list[bytes]:
     return parse_keys(path.read_text())
 
 
-class PriceCache:
-    """The price book, reloaded from the database every few seconds (edits reach every process)."""
+class Reloading(Generic[T]):
+    """A value loaded from the database and reloaded every few seconds, so that an edit made
+    through any process (admin API, CLI) reaches every process; ``invalidate`` makes this
+    process reload at once."""
 
-    def __init__(self, db: Database, *, refresh_seconds: float = 5.0) -> None:
-        self._db = db
+    def __init__(
+        self, load: Callable[[], Awaitable[T]], initial: T, *, refresh_seconds: float = 5.0
+    ) -> None:
+        self._load = load
+        self._value = initial
         self._refresh = refresh_seconds
-        self._book = PriceBook({})
         self._loaded_at = -1e9
         self._lock = asyncio.Lock()
 
-    async def book(self) -> PriceBook:
+    async def get(self) -> T:
         if time.monotonic() - self._loaded_at >= self._refresh:
             async with self._lock:
                 if time.monotonic() - self._loaded_at >= self._refresh:
-                    async with self._db.transaction() as session:
-                        prices: dict[str, Price] = await price_repo.load_prices(session)
-                    self._book = PriceBook(prices)
+                    self._value = await self._load()
                     self._loaded_at = time.monotonic()
-        return self._book
+        return self._value
 
     def invalidate(self) -> None:
         self._loaded_at = -1e9
@@ -81,7 +88,8 @@ class Services:
     scheduler: Scheduler
     directory: AccountDirectory
     keys: KeyAuthenticator
-    prices: PriceCache
+    prices: Reloading[PriceBook]
+    aliases: Reloading[dict[str, str]]
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
     _http: httpx.AsyncClient | None = None
     admin_digest: str = ""
@@ -112,6 +120,14 @@ def build_services(settings: Settings) -> Services:
         async with db.transaction() as session:
             return await account_repo.list_accounts(session)
 
+    async def load_prices() -> PriceBook:
+        async with db.transaction() as session:
+            return PriceBook(await price_repo.load_prices(session))
+
+    async def load_aliases() -> dict[str, str]:
+        async with db.transaction() as session:
+            return await alias_repo.load_aliases(session)
+
     scheduler = Scheduler(redis)
     return Services(
         settings=settings,
@@ -126,5 +142,6 @@ def build_services(settings: Settings) -> Services:
             on_operator_change=scheduler.clear_quarantine,
         ),
         keys=KeyAuthenticator(db, cache_seconds=settings.auth_cache_seconds),
-        prices=PriceCache(db),
+        prices=Reloading(load_prices, PriceBook({})),
+        aliases=Reloading(load_aliases, {}),
     )

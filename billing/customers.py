@@ -125,6 +125,8 @@ class KeyPolicy:
     downgrade_model: str | None = None
     allowed_models: Sequence[str] | None = None
     expires_at: datetime | None = None
+    route_small_to: str | None = None
+    route_small_max_input_tokens: int | None = None
 
 
 async def create_key(
@@ -138,6 +140,12 @@ async def create_key(
     policy = policy or KeyPolicy()
     if policy.budget_action not in BUDGET_ACTIONS:
         raise InvalidField("budget_action", "must be one of block, downgrade, warn")
+    if policy.budget_action == "downgrade" and not policy.downgrade_model:
+        raise InvalidField("downgrade_model", "is required when budget_action is 'downgrade'")
+    if (policy.route_small_to is None) != (policy.route_small_max_input_tokens is None):
+        raise InvalidField(
+            "route_small_to", "and route_small_max_input_tokens must be given together"
+        )
     plaintext = generate_key()
     row = CustomerKey(
         customer_id=customer_id,
@@ -152,6 +160,8 @@ async def create_key(
         downgrade_model=policy.downgrade_model,
         allowed_models=list(policy.allowed_models) if policy.allowed_models is not None else None,
         expires_at=policy.expires_at,
+        route_small_to=policy.route_small_to,
+        route_small_max_input_tokens=policy.route_small_max_input_tokens,
     )
     session.add(row)
     await session.flush()
@@ -220,6 +230,8 @@ async def lookup_key(session: AsyncSession, plaintext: str) -> KeyContext | None
             downgrade_model=key.downgrade_model,
             allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
             expires_at=key.expires_at,
+            route_small_to=key.route_small_to,
+            route_small_max_input_tokens=key.route_small_max_input_tokens,
         ),
     )
 

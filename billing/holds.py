@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from psycopg import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import ledger
+from billing import budgets, ledger
+from billing.budgets import Reservation
 from billing.errors import CustomerNotFound, CustomerSuspended, InsufficientBalance
 from billing.models import Customer, Hold, RequestRecord, utcnow
 from billing.pricing import Usage
@@ -29,6 +30,7 @@ from billing.pricing import Usage
 _customers = Customer.__table__  # type: ignore[attr-defined]
 _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
+NO_BUDGET = Reservation(0, None, None)
 
 
 @dataclass(slots=True)
@@ -42,6 +44,7 @@ class HoldRequest:
     requested_model: str | None = None
     stream: bool = False
     request_body: str | None = None
+    budget: Reservation | None = None
     started_at: datetime = field(default_factory=utcnow)
 
 
@@ -70,6 +73,7 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
         if row.status != "active":
             raise CustomerSuspended(hold.customer_id)
         raise InsufficientBalance(hold.amount_micros, int(row.balance_micros - row.held_micros))
+    budget = hold.budget or NO_BUDGET
     await session.execute(
         sa.insert(_holds).values(
             request_id=hold.request_id,
@@ -77,6 +81,9 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
             key_id=hold.key_id,
             amount_micros=hold.amount_micros,
             instance_id=hold.instance_id,
+            budget_micros=budget.amount_micros,
+            budget_day=budget.day,
+            budget_month=budget.month,
             created_at=hold.started_at,
         )
     )
@@ -125,12 +132,24 @@ async def settle(
         await session.execute(
             sa.delete(_holds)
             .where(_holds.c.request_id == request_id)
-            .returning(_holds.c.customer_id, _holds.c.amount_micros)
+            .returning(
+                _holds.c.customer_id,
+                _holds.c.amount_micros,
+                _holds.c.key_id,
+                _holds.c.budget_micros,
+                _holds.c.budget_day,
+                _holds.c.budget_month,
+            )
         )
     ).first()
     if removed is None:
         return False
     customer_id, held = str(removed.customer_id), int(removed.amount_micros)
+    if removed.budget_day is not None or removed.budget_month is not None:
+        reservation = Reservation(
+            int(removed.budget_micros), removed.budget_day, removed.budget_month
+        )
+        await budgets.settle(session, str(removed.key_id), reservation, cost_micros)
     if cost_micros > 0:
         await ledger.append(
             session,
@@ -208,8 +227,10 @@ WITH c AS (
   WHERE id = %(customer_id)s AND status = 'active' AND balance_micros - held_micros >= %(amount)s
   RETURNING id
 ), h AS (
-  INSERT INTO holds (request_id, customer_id, key_id, amount_micros, instance_id, created_at)
-  SELECT %(request_id)s, c.id, %(key_id)s, %(amount)s, %(instance_id)s, %(now)s FROM c
+  INSERT INTO holds (request_id, customer_id, key_id, amount_micros, instance_id, budget_micros,
+    budget_day, budget_month, created_at)
+  SELECT %(request_id)s, c.id, %(key_id)s, %(amount)s, %(instance_id)s, %(budget)s,
+    %(budget_day)s, %(budget_month)s, %(now)s FROM c
 ), l AS (
   INSERT INTO request_log (id, customer_id, key_id, endpoint, requested_model, stream, status,
     hold_micros, cost_micros, input_tokens, output_tokens, cache_write_5m_tokens,
@@ -226,7 +247,12 @@ REFUSAL_SQL = (
 
 SETTLE_SQL = """
 WITH h AS (
-  DELETE FROM holds WHERE request_id = %(request_id)s RETURNING customer_id, amount_micros
+  DELETE FROM holds WHERE request_id = %(request_id)s
+  RETURNING customer_id, amount_micros, key_id, budget_micros, budget_day, budget_month
+), k AS (
+  UPDATE key_spend SET spent_micros = key_spend.spent_micros + %(cost)s,
+    held_micros = key_spend.held_micros - h.budget_micros
+  FROM h WHERE key_spend.key_id = h.key_id AND key_spend.period IN (h.budget_day, h.budget_month)
 ), c AS (
   UPDATE customers
   SET balance_micros = customers.balance_micros - %(cost)s,
@@ -264,6 +290,9 @@ async def place_fast(conn: AsyncConnection[Any], hold: HoldRequest) -> None:
         "model": hold.requested_model,
         "stream": hold.stream,
         "body": hold.request_body,
+        "budget": (hold.budget or NO_BUDGET).amount_micros,
+        "budget_day": (hold.budget or NO_BUDGET).day,
+        "budget_month": (hold.budget or NO_BUDGET).month,
     }
     row = await (await conn.execute(PLACE_SQL, params)).fetchone()
     if row is not None and row[0] == 1:

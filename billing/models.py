@@ -69,6 +69,9 @@ class CustomerKey(SQLModel, table=True):
     budget_action: str = Field(default="block", max_length=20)
     downgrade_model: str | None = Field(default=None, max_length=200)
     allowed_models: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    route_small_to: str | None = Field(default=None, max_length=200)
+    """Routing rule: requests with few input tokens and no tools go to this (cheaper) model."""
+    route_small_max_input_tokens: int | None = None
     expires_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     created_at: datetime = _ts()
     last_used_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
@@ -142,6 +145,35 @@ class Hold(SQLModel, table=True):
     key_id: str = Field(max_length=40)
     amount_micros: int = Field(sa_type=sa.BigInteger)
     instance_id: str = Field(max_length=64)
+    budget_micros: int = Field(default=0, sa_type=sa.BigInteger)
+    """What this hold reserved against the key's budgets (0 when the key has none)."""
+    budget_day: str | None = Field(default=None, max_length=10)
+    budget_month: str | None = Field(default=None, max_length=7)
+    created_at: datetime = _ts()
+
+
+class KeySpend(SQLModel, table=True):
+    """A key's spend per period (``2026-11-22`` or ``2026-11``): settled plus currently held.
+
+    Budget holds are the same conditional update as balance holds —
+    ``held += h WHERE spent + held + h <= budget`` — so concurrency cannot overshoot a budget.
+    """
+
+    __tablename__ = "key_spend"
+
+    key_id: str = Field(primary_key=True, max_length=40)
+    period: str = Field(primary_key=True, max_length=10)
+    spent_micros: int = _micros()
+    held_micros: int = _micros()
+
+
+class ModelAlias(SQLModel, table=True):
+    """``fast`` → ``claude-haiku-4-5``: a name customers may send for a model."""
+
+    __tablename__ = "model_aliases"
+
+    alias: str = Field(primary_key=True, max_length=200)
+    model: str = Field(max_length=200)
     created_at: datetime = _ts()
 
 

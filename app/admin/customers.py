@@ -61,6 +61,8 @@ class KeyCreate(BaseModel):
     downgrade_model: str | None = Field(default=None, max_length=200)
     allowed_models: list[str] | None = None
     expires_at: datetime | None = None
+    route_small_to: str | None = Field(default=None, max_length=200)
+    route_small_max_input_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
 class MoneyMove(BaseModel):
@@ -127,6 +129,8 @@ async def create_key(customer_id: str, body: KeyCreate, session: SessionDep) -> 
         downgrade_model=body.downgrade_model,
         allowed_models=body.allowed_models,
         expires_at=expires,
+        route_small_to=body.route_small_to,
+        route_small_max_input_tokens=body.route_small_max_input_tokens,
     )
     row, plaintext = await customer_svc.create_key(session, customer_id, body.name, policy)
     view = key_view(row)

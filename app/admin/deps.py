@@ -75,6 +75,8 @@ def key_view(key: CustomerKey) -> dict[str, Any]:
         "budget_action": key.budget_action,
         "downgrade_model": key.downgrade_model,
         "allowed_models": key.allowed_models,
+        "route_small_to": key.route_small_to,
+        "route_small_max_input_tokens": key.route_small_max_input_tokens,
         "expires_at": iso(key.expires_at),
         "created_at": iso(key.created_at),
         "last_used_at": iso(key.last_used_at),

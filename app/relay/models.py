@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from app.relay.forward import open_upstream
-from app.relay.service import _model_matches
+from app.relay.service import model_matches
 from app.state import Services
 from billing.customers import KeyContext
 
@@ -69,7 +69,7 @@ class ModelCatalog:
         return models
 
     async def for_key(self, key: KeyContext) -> list[dict[str, Any]]:
-        book = await self.services.prices.book()
+        book = await self.services.prices.get()
         upstream = await self._upstream_models()
         if upstream:
             candidates = [m for m in upstream if book.match(m["id"]) is not None]
@@ -85,7 +85,7 @@ class ModelCatalog:
             ]
         allowed = key.policy.allowed_models
         if allowed is not None:
-            candidates = [m for m in candidates if any(_model_matches(m["id"], p) for p in allowed)]
+            candidates = [m for m in candidates if any(model_matches(m["id"], p) for p in allowed)]
         return candidates
 
     @staticmethod

@@ -16,7 +16,8 @@ from app.errors import ApiError, to_api_error
 from app.relay.forward import open_upstream
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
-from app.relay.service import Relay, check_model_allowed, parse_json_object, read_body
+from app.relay.edges import OpenAIEdge, parse_json_object
+from app.relay.service import Relay, check_model_allowed, read_body
 from app.state import Services
 from billing import usage as usage_repo
 from billing.customers import KeyContext, get_customer
@@ -44,6 +45,9 @@ class CustomerApi:
 
     async def messages(self, request: Request) -> Any:
         return await self.relay.messages(request)
+
+    async def chat_completions(self, request: Request) -> Any:
+        return await self.relay.handle(request, OpenAIEdge())
 
     async def count_tokens(self, request: Request) -> Response:
         request_id = new_id("req")
@@ -163,6 +167,7 @@ class CustomerApi:
 ROUTES: list[tuple[str, str, list[str]]] = [
     ("/v1/messages", "messages", ["POST"]),
     ("/v1/messages/count_tokens", "count_tokens", ["POST"]),
+    ("/v1/chat/completions", "chat_completions", ["POST"]),
     ("/v1/models", "list_models", ["GET"]),
     ("/v1/models/{model_id:path}", "get_model", ["GET"]),
     ("/v1/me", "me", ["GET"]),

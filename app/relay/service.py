@@ -1,26 +1,28 @@
-"""The relay's one code path: authenticate, price, hold, forward with failover, settle.
+"""The relay's one code path: authenticate, route, limit, price, hold, forward, settle.
 
-This is the only place where billing (the hold) and the pool (the lease) meet:
+This is the only place where billing (the hold) and the pool (the lease) meet; both customer
+dialects (:mod:`app.relay.edges`) go through it:
 
-1. authenticate the key (cached ≤ 1 s) and check its policy;
-2. price the model (no price → 400 before anything is held or sent);
-3. place a hold for the worst case in one short transaction (refused → 400 "credit balance
-   too low", nothing sent upstream);
-4. lease an account and open the upstream response, failing over before the first byte;
-5. relay: JSON is read whole, streams are forwarded chunk by chunk while usage is read;
-6. settle in a short transaction of its own: one usage record and one ledger debit,
+1. authenticate the key (cached ≤ 1 s) and parse the body into a Messages request;
+2. route: a model alias, the key's small-request rule; check the key may use the model;
+3. the key's rpm/tpm windows (Redis, shared by all processes) — 429 with ``retry-after``;
+4. price the model (no price → 400 before anything is held or sent);
+5. reserve against the key's budgets and hold the worst case against the balance, each one
+   conditional update (refused → 403 budget / 400 "credit balance too low", nothing sent);
+6. lease an account and open the upstream response, failing over before the first byte;
+7. relay: JSON is read whole, streams are forwarded chunk by chunk while usage is read;
+8. settle in a short transaction of its own: one usage record and one ledger debit,
    idempotent by request id; failed attempts and requests that never reached the customer
-   are released without charge;
-7. release the lease (headroom was updated from the response headers in step 4).
+   are released without charge; release the lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -29,13 +31,16 @@ from starlette.responses import Response
 
 from app import errors
 from app.errors import ApiError, to_api_error
+from app.ratelimit import KeyRateLimiter
+from app.relay.edges import Edge, parse_json_object
 from app.relay.forward import Opened, open_upstream
 from app.relay.sse import StreamMeter
 from app.relay.stream import RelayStream, StreamEnd
 from app.state import Services
-from billing import holds
-from billing.customers import KeyContext
-from billing.errors import BillingError, NoPrice
+from billing import budgets, holds
+from billing.budgets import Budget, Reservation
+from billing.customers import KeyContext, touch_key
+from billing.errors import BillingError, BudgetExceeded, NoPrice
 from billing.estimate import estimate_input_tokens_upper, hold_micros
 from billing.holds import HoldRequest, Outcome
 from billing.ids import new_id
@@ -48,6 +53,9 @@ from pool.upstream import customer_headers
 log = logging.getLogger("poolrelay.relay")
 
 PROGRESS_TTL = 86_400
+TOUCH_INTERVAL = 60.0
+
+__all__ = ["Relay", "check_model_allowed", "model_matches", "parse_json_object", "read_body"]
 
 
 def progress_key(request_id: str) -> str:
@@ -72,18 +80,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise errors.invalid_request("The request body is empty; a JSON object is required.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid_request(f"The request body is not valid JSON: {exc.msg}") from None
-    if not isinstance(body, dict):
-        raise errors.invalid_request("The request body must be a JSON object.")
-    return body
-
-
 def validate_messages_body(body: dict[str, Any]) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -99,21 +95,22 @@ def validate_messages_body(body: dict[str, Any]) -> None:
         raise errors.invalid_request("stream: must be a boolean")
 
 
+def model_matches(model: str, pattern: str) -> bool:
+    """``claude-haiku-4-5`` allows its dated ids; a trailing ``*`` is a prefix match."""
+    if pattern.endswith("*"):
+        return model.startswith(pattern[:-1])
+    return model == pattern or model.startswith(pattern + "-")
+
+
 def check_model_allowed(key: KeyContext, model: str) -> None:
     allowed = key.policy.allowed_models
-    if allowed is not None and not any(_model_matches(model, pattern) for pattern in allowed):
+    if allowed is not None and not any(model_matches(model, pattern) for pattern in allowed):
         raise errors.ApiError(
             403,
             "permission_error",
             f"This API key is not allowed to use the model {model!r}.",
             {"x-should-retry": "false"},
         )
-
-
-def _model_matches(model: str, pattern: str) -> bool:
-    if pattern.endswith("*"):
-        return model.startswith(pattern[:-1])
-    return model == pattern or model.startswith(pattern + "-")
 
 
 @dataclass
@@ -127,20 +124,77 @@ class Billed:
     started: float
     stream: bool
     requested_model: str
+    headers: dict[str, str] = field(default_factory=dict)
+    """Relay notes for the customer: routing, budget warnings, the key's rate-limit state."""
+
+
+def _usage_tokens(usage: Usage) -> int:
+    """Tokens that count toward a key's tpm (cache reads are free, as in Anthropic's ITPM)."""
+    return usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
 
 
 class Relay:
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.limiter = KeyRateLimiter(services.redis)
+        self._touched: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
-    # -- the admission steps -----------------------------------------------------------------
+    # -- admission -----------------------------------------------------------------------------
 
     async def price_for(self, model: str) -> Price:
-        book = await self.services.prices.book()
+        book = await self.services.prices.get()
         price = book.match(model)
         if price is None:
             raise NoPrice(model)
         return price
+
+    async def route(self, key: KeyContext, body: dict[str, Any], notes: dict[str, str]) -> bool:
+        """Apply a model alias and the key's small-request rule. Returns True if the body changed."""
+        requested = str(body["model"])
+        model = requested
+        aliases = await self.services.aliases.get()
+        if model in aliases:
+            model = aliases[model]
+            notes["x-poolrelay-route"] = "alias"
+        policy = key.policy
+        if (
+            policy.route_small_to
+            and policy.route_small_max_input_tokens is not None
+            and not body.get("tools")
+            and estimate_input_tokens_upper(body) <= policy.route_small_max_input_tokens
+        ):
+            model = policy.route_small_to
+            notes["x-poolrelay-route"] = "small_request"
+        if model == requested:
+            return False
+        body["model"] = model
+        notes["x-poolrelay-model"] = model
+        notes["x-poolrelay-requested-model"] = requested
+        return True
+
+    async def limit(
+        self, key: KeyContext, request_id: str, raw: bytes, notes: dict[str, str]
+    ) -> None:
+        policy = key.policy
+        if policy.rpm is None and policy.tpm is None:
+            return
+        decision = await self.limiter.admit(
+            key.key_id,
+            request_id,
+            rpm=policy.rpm,
+            tpm=policy.tpm,
+            estimated_tokens=len(raw) // 4,
+            now=time.time(),
+        )
+        if not decision.allowed:
+            what = "requests" if decision.reason == "rpm" else "tokens"
+            raise errors.rate_limited(
+                f"This API key is over its {what}-per-minute limit; retry after {decision.retry_after} s.",
+                decision.retry_after,
+                decision.headers(),
+            )
+        notes.update(decision.headers())
 
     async def admit(
         self,
@@ -151,13 +205,47 @@ class Relay:
         *,
         endpoint: str,
         started: float,
-    ) -> Billed:
+        notes: dict[str, str],
+    ) -> tuple[Billed, bool]:
+        """Reserve budgets and hold the balance. Returns (billed, body edited by a downgrade)."""
         model = str(body["model"])
         check_model_allowed(key, model)
         price = await self.price_for(model)
         amount = hold_micros(body, price, key.price_multiplier)
+        policy = key.policy
+        budget = Budget(policy.daily_budget_micros, policy.monthly_budget_micros)
+        reservation: Reservation | None = None
+        edited = False
+        db = self.services.db
+        if budget.active:
+            try:
+                async with db.transaction() as session:
+                    reservation = await budgets.reserve(session, key.key_id, budget, amount)
+            except BudgetExceeded as exc:
+                if policy.budget_action == "block":
+                    raise
+                message = f"{exc.scope} budget of {format_usd(exc.limit_micros)} USD exhausted"
+                if (
+                    policy.budget_action == "downgrade"
+                    and policy.downgrade_model
+                    and policy.downgrade_model != model
+                ):
+                    model = policy.downgrade_model
+                    body["model"] = model
+                    edited = True
+                    check_model_allowed(key, model)
+                    price = await self.price_for(model)
+                    amount = hold_micros(body, price, key.price_multiplier)
+                    notes["x-poolrelay-route"] = "budget_downgrade"
+                    notes["x-poolrelay-model"] = model
+                    notes["x-poolrelay-budget-downgrade"] = message
+                else:
+                    notes["x-poolrelay-budget-warning"] = message
+                async with db.transaction() as session:
+                    reservation = await budgets.reserve(
+                        session, key.key_id, budget, amount, enforce=False
+                    )
         stream = bool(body.get("stream"))
-        log_bodies = self.services.settings.log_bodies
         hold = HoldRequest(
             request_id=request_id,
             customer_id=key.customer_id,
@@ -167,16 +255,44 @@ class Relay:
             endpoint=endpoint,
             requested_model=model,
             stream=stream,
-            request_body=raw.decode("utf-8", "replace") if log_bodies else None,
+            request_body=raw.decode("utf-8", "replace")
+            if self.services.settings.log_bodies
+            else None,
+            budget=reservation,
         )
-        db = self.services.db
-        if db.has_fast_path:
-            async with db.raw() as conn:
-                await holds.place_fast(conn, hold)
-        else:
-            async with db.transaction() as session:
-                await holds.place(session, hold)
-        return Billed(request_id, key, price, amount, started, stream, model)
+        try:
+            if db.has_fast_path:
+                async with db.raw() as conn:
+                    await holds.place_fast(conn, hold)
+            else:
+                async with db.transaction() as session:
+                    await holds.place(session, hold)
+        except BaseException:
+            if reservation is not None:
+                async with db.transaction() as session:
+                    await budgets.settle(session, key.key_id, reservation, 0)
+            raise
+        return Billed(request_id, key, price, amount, started, stream, model, notes), edited
+
+    def touch(self, key: KeyContext) -> None:
+        """Keep ``last_used_at`` roughly current: at most one write per key per minute."""
+        now = time.monotonic()
+        if now - self._touched.get(key.key_id, -1e9) < TOUCH_INTERVAL:
+            return
+        self._touched[key.key_id] = now
+
+        async def write() -> None:
+            try:
+                async with self.services.db.transaction() as session:
+                    await touch_key(session, key.key_id)
+            except Exception:
+                log.debug("could not record last_used_at", exc_info=True)
+
+        task = asyncio.create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- settlement -----------------------------------------------------------------------------
 
     async def settle(
         self, billed: Billed, usage: Usage | None, model: str | None, outcome: Outcome
@@ -186,14 +302,14 @@ class Relay:
         if usage is not None:
             price = billed.price
             if model and model != billed.requested_model:
-                book = await self.services.prices.book()
+                book = await self.services.prices.get()
                 price = book.match(model) or billed.price
             cost = cost_micros(usage, price, billed.key.price_multiplier)
         outcome.model = model or outcome.model
         outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
+        db = self.services.db
         for attempt in range(3):
             try:
-                db = self.services.db
                 if db.has_fast_path:
                     async with db.raw() as conn:
                         await holds.settle_fast(conn, billed.request_id, usage, cost, outcome)
@@ -212,38 +328,53 @@ class Relay:
             log.warning(
                 "request %s cost %s above its hold %s", billed.request_id, cost, billed.hold_micros
             )
+        if usage is not None and billed.key.policy.tpm is not None:
+            try:
+                await self.limiter.record_tokens(
+                    billed.key.key_id, billed.request_id, _usage_tokens(usage)
+                )
+            except Exception:
+                log.debug("could not correct the key's token window", exc_info=True)
         return cost
 
-    async def release(self, billed: Billed, outcome: Outcome) -> None:
-        await self.settle(billed, None, None, outcome)
+    async def _release_quietly(self, billed: Billed, outcome: Outcome) -> None:
+        try:
+            await self.settle(billed, None, None, outcome)
+        except Exception:
+            log.exception(
+                "releasing hold %s failed; reconciliation will release it", billed.request_id
+            )
 
-    # -- the endpoint --------------------------------------------------------------------------
+    # -- the endpoint ---------------------------------------------------------------------------
 
-    async def messages(self, request: Request) -> Any:
+    async def handle(self, request: Request, edge: Edge) -> Any:
         request_id = new_id("req")
         started = time.monotonic()
+        notes: dict[str, str] = {}
         try:
             key = await self.services.keys.authenticate(request.headers)
+            self.touch(key)
             raw = await read_body(request, self.services.settings.max_body_bytes)
-            body = parse_json_object(raw)
+            body = edge.parse(raw)
             validate_messages_body(body)
-            billed = await self.admit(
-                request_id, key, body, raw, endpoint="messages", started=started
+            edited = await self.route(key, body, notes)
+            check_model_allowed(key, str(body["model"]))
+            await self.limit(key, request_id, raw, notes)
+            billed, downgraded = await self.admit(
+                request_id, key, body, raw, endpoint=edge.endpoint, started=started, notes=notes
             )
         except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
-        return await self.forward_billed(request, billed, body, raw)
+            err = to_api_error(exc)
+            err.headers = {**notes, **err.headers}
+            return edge.render_error(err, request_id)
+        forward = edge.forward_bytes(raw, body, edited or downgraded)
+        return await self.forward_billed(request, billed, body, forward, edge)
+
+    async def messages(self, request: Request) -> Any:
+        return await self.handle(request, Edge())
 
     async def forward_billed(
-        self,
-        request: Request,
-        billed: Billed,
-        body: dict[str, Any],
-        raw: bytes,
-        *,
-        stream_wrapper: Callable[[RelayStream], Any] | None = None,
-        json_transform: Callable[[int, list[tuple[str, str]], bytes], Awaitable[Response]]
-        | None = None,
+        self, request: Request, billed: Billed, body: dict[str, Any], raw: bytes, edge: Edge
     ) -> Any:
         services = self.services
         request_id = billed.request_id
@@ -270,9 +401,11 @@ class Relay:
                 billed,
                 Outcome(status="failed", http_status=api_error.status, error=api_error.message),
             )
-            return errors.anthropic_response(api_error, request_id)
+            api_error.headers = {**billed.headers, **api_error.headers}
+            return edge.render_error(api_error, request_id)
 
         headers = customer_headers(opened.response.headers)
+        headers.extend(billed.headers.items())
         headers.append(("x-poolrelay-request-id", request_id))
         if opened.body is not None:  # the upstream rejected the request on its merits
             await services.scheduler.release(opened.lease)
@@ -288,37 +421,20 @@ class Relay:
                     ttfb_ms=opened.ttfb_ms,
                 ),
             )
-            if json_transform is not None:
-                return await json_transform(opened.response.status_code, headers, opened.body)
-            return Response(
-                opened.body, status_code=opened.response.status_code, headers=dict(headers)
-            )
+            return edge.render_json(opened.response.status_code, dict(headers), opened.body)
 
-        is_sse = opened.response.headers.get("content-type", "").startswith("text/event-stream")
-        if is_sse:
-            relay_stream = RelayStream(
+        if opened.response.headers.get("content-type", "").startswith("text/event-stream"):
+            return RelayStream(
                 opened.response,
                 headers,
                 on_finish=lambda meter, end: self._finish_stream(billed, opened, meter, end),
                 on_started=lambda meter: self._record_progress(billed, meter),
+                transform=edge.stream_transform(body),
             )
-            return stream_wrapper(relay_stream) if stream_wrapper is not None else relay_stream
-        return await self._finish_json(billed, opened, headers, json_transform)
-
-    async def _release_quietly(self, billed: Billed, outcome: Outcome) -> None:
-        try:
-            await self.release(billed, outcome)
-        except Exception:
-            log.exception(
-                "releasing hold %s failed; reconciliation will release it", billed.request_id
-            )
+        return await self._finish_json(billed, opened, headers, edge)
 
     async def _finish_json(
-        self,
-        billed: Billed,
-        opened: Opened,
-        headers: list[tuple[str, str]],
-        json_transform: Callable[[int, list[tuple[str, str]], bytes], Awaitable[Response]] | None,
+        self, billed: Billed, opened: Opened, headers: list[tuple[str, str]], edge: Edge
     ) -> Response:
         services = self.services
         outcome = Outcome(
@@ -332,12 +448,11 @@ class Relay:
         try:
             content = await opened.response.aread()
         except Exception as exc:
-            await opened.response.aclose()
             await services.scheduler.release(opened.lease)
             outcome.status = "upstream_error"
             outcome.error = f"{type(exc).__name__} while reading the upstream body"
             await self._release_quietly(billed, outcome)
-            return errors.anthropic_response(
+            return edge.render_error(
                 errors.ApiError(502, "api_error", "The upstream connection failed."),
                 billed.request_id,
             )
@@ -359,23 +474,21 @@ class Relay:
         try:
             cost = await self.settle(billed, usage, model, outcome)
         except Exception:
-            return errors.anthropic_response(
+            return edge.render_error(
                 errors.ApiError(
                     500, "api_error", "The response could not be billed; it was not charged."
                 ),
                 billed.request_id,
             )
         headers.append(("x-poolrelay-cost-usd", format_usd(cost)))
-        if json_transform is not None:
-            return await json_transform(opened.response.status_code, headers, content)
-        return Response(content, status_code=opened.response.status_code, headers=dict(headers))
+        return edge.render_json(opened.response.status_code, dict(headers), content)
 
     async def _record_progress(self, billed: Billed, meter: StreamMeter) -> None:
         """What a stream has used so far, for the reconciliation of a crashed process."""
         try:
             await self.services.redis.set(
                 progress_key(billed.request_id),
-                orjson.dumps({"model": meter.model, "usage": usage_dict(meter.usage)}),
+                orjson.dumps({"model": meter.model, "usage": meter.usage.to_api()}),
                 ex=PROGRESS_TTL,
             )
         except Exception:
@@ -394,7 +507,8 @@ class Relay:
             if not meter.stopped:
                 # Partial stream: input and cache from message_start, output from the last
                 # message_delta or, when larger, an estimate from the deltas relayed so far.
-                usage = replace_output(usage, meter.estimated_output_tokens())
+                estimated = max(usage.output_tokens, meter.estimated_output_tokens())
+                usage = dataclasses.replace(usage, output_tokens=estimated)
         outcome = Outcome(
             status=end.status,
             http_status=200,
@@ -409,13 +523,3 @@ class Relay:
             await services.redis.delete(progress_key(billed.request_id))
         except Exception:
             log.debug("progress key cleanup failed", exc_info=True)
-
-
-def replace_output(usage: Usage, output_tokens: int) -> Usage:
-    from dataclasses import replace
-
-    return replace(usage, output_tokens=max(usage.output_tokens, output_tokens))
-
-
-def usage_dict(usage: Usage) -> dict[str, Any]:
-    return usage.to_api()

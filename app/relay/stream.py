@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import orjson
@@ -35,6 +35,16 @@ def error_event(error_type: str, message: str) -> bytes:
     return b"event: error\ndata: " + data + b"\n\n"
 
 
+class StreamTransform(Protocol):
+    """Re-encodes the relayed stream for another dialect (the OpenAI endpoint)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def fail(self, error_type: str, message: str) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
 class StreamEnd:
     """How the stream ended: ``ok``, ``client_disconnect``, ``upstream_error``."""
 
@@ -51,11 +61,13 @@ class RelayStream:
         headers: list[tuple[str, str]],
         on_finish: Callable[[StreamMeter, StreamEnd], Awaitable[None]],
         on_started: Callable[[StreamMeter], Awaitable[None]] | None = None,
+        transform: StreamTransform | None = None,
     ) -> None:
         self.upstream = upstream
         self.headers = headers
         self.on_finish = on_finish
         self.on_started = on_started
+        self.transform = transform
         self.meter = StreamMeter()
         self.end = StreamEnd()
 
@@ -98,6 +110,7 @@ class RelayStream:
     async def _pump(self, send: Send) -> None:
         started = time.monotonic()
         meter = self.meter
+        transform = self.transform
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         announced = False
         try:
@@ -107,7 +120,9 @@ class RelayStream:
                 meter.feed(chunk)
                 if self.end.first_byte_ms is None:
                     self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                out = transform.feed(chunk) if transform is not None else chunk
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
                 if not announced and meter.started and self.on_started is not None:
                     announced = True
                     await self.on_started(meter)
@@ -118,7 +133,7 @@ class RelayStream:
                 await self._send_error(
                     "api_error", "The upstream connection failed mid-stream.", send
                 )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._close(send)
             return
         if meter.error is not None:
             self.end.status = "upstream_error"
@@ -130,16 +145,18 @@ class RelayStream:
             self.end.status = "upstream_error"
             self.end.error = "the upstream stream ended before message_stop"
             await self._send_error("api_error", "The upstream stream ended unexpectedly.", send)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._close(send)
 
     async def _send_error(self, error_type: str, message: str, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.body",
-                "body": error_event(error_type, message),
-                "more_body": True,
-            }
-        )
+        if self.transform is not None:
+            body = self.transform.fail(error_type, message)
+        else:
+            body = error_event(error_type, message)
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+
+    async def _close(self, send: Send) -> None:
+        tail = self.transform.finish() if self.transform is not None else b""
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     def _raw_headers(self) -> list[tuple[bytes, bytes]]:
         out = [
