@@ -20,7 +20,11 @@ WEATHER_TOOL = {
     "function": {
         "name": "get_weather",
         "description": "Weather by city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
     },
 }
 
@@ -30,7 +34,9 @@ def micros(usd: str) -> int:
 
 
 @pytest.fixture
-def setup(relay: RelayServer, fake: FakeUpstream) -> tuple[RelayServer, FakeUpstream, str, openai.OpenAI]:
+def setup(
+    relay: RelayServer, fake: FakeUpstream
+) -> tuple[RelayServer, FakeUpstream, str, openai.OpenAI]:
     relay.add_account("primary", UPSTREAM_KEY, fake.url)
     customer_id, key = relay.create_customer(balance_usd="10")
     client = openai.OpenAI(api_key=key, base_url=f"{relay.url}/v1", max_retries=0)
@@ -57,7 +63,11 @@ def test_chat_completion_json(setup: tuple[RelayServer, FakeUpstream, str, opena
     assert completion.usage is not None and completion.usage.completion_tokens > 0
     cost = micros(raw.headers["x-poolrelay-cost-usd"])
     assert cost == cost_micros(
-        Usage(input_tokens=completion.usage.prompt_tokens, output_tokens=completion.usage.completion_tokens), HAIKU
+        Usage(
+            input_tokens=completion.usage.prompt_tokens,
+            output_tokens=completion.usage.completion_tokens,
+        ),
+        HAIKU,
     )
     sent = fake.requests(limit=1)[-1]["body"]
     assert sent["system"] == "Be brief."
@@ -66,7 +76,9 @@ def test_chat_completion_json(setup: tuple[RelayServer, FakeUpstream, str, opena
     assert len(debits) == 1 and debits[0]["request_id"] == raw.headers["x-poolrelay-request-id"]
 
 
-def test_chat_completion_stream_with_usage(setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI]) -> None:
+def test_chat_completion_stream_with_usage(
+    setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI],
+) -> None:
     relay, _fake, customer_id, client = setup
     stream = client.chat.completions.create(
         model=MODEL,
@@ -78,12 +90,18 @@ def test_chat_completion_stream_with_usage(setup: tuple[RelayServer, FakeUpstrea
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Stream to openai" in text
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["stop"] or finish == ["length"]
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
     expected = cost_micros(
-        Usage(input_tokens=usage_chunk.usage.prompt_tokens, output_tokens=usage_chunk.usage.completion_tokens), HAIKU
+        Usage(
+            input_tokens=usage_chunk.usage.prompt_tokens,
+            output_tokens=usage_chunk.usage.completion_tokens,
+        ),
+        HAIKU,
     )
     debits = [e for e in relay.ledger(customer_id) if e["kind"] == "usage"]
     assert len(debits) == 1 and -micros(debits[0]["amount_usd"]) == expected
@@ -117,7 +135,11 @@ def test_tool_call_round_trip(setup: tuple[RelayServer, FakeUpstream, str, opena
     assert second.choices[0].finish_reason == "stop"
     sent = fake.requests(limit=1)[-1]["body"]
     assert sent["messages"][1]["content"][-1]["type"] == "tool_use"
-    assert sent["messages"][2]["content"][0] == {"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 C"}
+    assert sent["messages"][2]["content"][0] == {
+        "type": "tool_result",
+        "tool_use_id": call.id,
+        "content": "Sunny, 21 C",
+    }
 
 
 def test_streamed_tool_call(setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI]) -> None:
@@ -136,27 +158,35 @@ def test_streamed_tool_call(setup: tuple[RelayServer, FakeUpstream, str, openai.
     assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     arguments = "".join(tc.function.arguments or "" for tc in calls if tc.function)
     assert "city" in json.loads(arguments)
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ] == ["tool_calls"]
 
 
 def test_openai_shaped_errors(setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI]) -> None:
     relay, fake, _customer_id, client = setup
     with pytest.raises(openai.AuthenticationError) as auth:
-        openai.OpenAI(api_key="sk-pr-" + "x" * 43, base_url=f"{relay.url}/v1", max_retries=0).chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}]
-        )
+        openai.OpenAI(
+            api_key="sk-pr-" + "x" * 43, base_url=f"{relay.url}/v1", max_retries=0
+        ).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     assert auth.value.status_code == 401
     body = auth.value.body
     assert isinstance(body, dict) and body["type"] == "authentication_error" and body["message"]
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
     assert isinstance(bad.value.body, dict) and "no-such-model" in bad.value.body["message"]
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], n=2
+        )
     assert fake.count(UPSTREAM_KEY) == 0
 
 
-def test_models_in_openai_shape(setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI]) -> None:
+def test_models_in_openai_shape(
+    setup: tuple[RelayServer, FakeUpstream, str, openai.OpenAI],
+) -> None:
     _relay, _fake, _customer_id, client = setup
     models = client.models.list()
     ids = [m.id for m in models.data]
