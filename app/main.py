@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,12 +30,14 @@ from app.admin import usage as admin_usage
 from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
 from app.errors import ApiError, to_api_error
+from app.metrics import Snapshot
 from app.migrate import upgrade
 from app.relay.routes import CustomerApi, customer_routes, json_response
 from app.relay.service import Relay
 from app.settings import Settings
 from app.state import Services, build_services
 from billing.errors import BillingError
+from billing.holds import holds_summary
 from pool.errors import PoolError
 from workers import tasks
 
@@ -197,6 +200,18 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    snapshot = Snapshot()
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        services: Services = request.app.state.services
+        if not snapshot.taken_at:
+            services.metrics.registry.register(snapshot)
+        await refresh_snapshot(services, snapshot)
+        return Response(
+            services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
     @app.get("/readyz", tags=["health"])
     async def readyz(request: Request) -> Response:
         services: Services = request.app.state.services
@@ -219,6 +234,27 @@ def create_app(
     app.router.routes.extend(customer_routes())
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
+
+
+async def refresh_snapshot(services: Services, snapshot: Snapshot) -> None:
+    """Pool and billing gauges, read from Redis and the database at scrape time."""
+    live = await services.directory.accounts()
+    states = await services.scheduler.states(list(live), time.time())
+    accounts = []
+    for account_id, account in live.items():
+        state = states.get(account_id)
+        families: dict[str, float] = {}
+        if state is not None:
+            for family, fam in state.headroom.items():
+                if fam.limit:
+                    families[family] = fam.remaining / fam.limit
+        accounts.append((account.name, state.in_flight if state is not None else 0, families))
+    async with services.db.transaction() as session:
+        count, held = await holds_summary(session)
+    snapshot.accounts = accounts
+    snapshot.holds_outstanding = count
+    snapshot.held_micros = held
+    snapshot.taken_at = time.time()
 
 
 def _print_token(token: str) -> None:

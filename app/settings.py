@@ -9,6 +9,7 @@ generated admin token. PostgreSQL-backed deployments must set ``ENCRYPTION_KEYS`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     """A relay process heart-beats in Redis; a hold whose process stopped heart-beating this
     long ago was left behind by a crash and is finished by reconciliation."""
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
     embedded_jobs: bool | None = None
     """Run background jobs inside ``serve``; default: only with ``memory://`` Redis."""
 

@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet
 
 from app.auth import KeyAuthenticator
 from app.db import Database
+from app.metrics import Metrics
 from app.redis import make_redis
 from app.settings import Settings
 from billing import aliases as alias_repo
@@ -91,6 +92,7 @@ class Services:
     prices: Reloading[PriceBook]
     aliases: Reloading[dict[str, str]]
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
+    metrics: Metrics = field(default_factory=Metrics)
     _http: httpx.AsyncClient | None = None
     admin_digest: str = ""
 

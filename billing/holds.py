@@ -205,6 +205,16 @@ async def open_holds(session: AsyncSession, *, older_than: datetime) -> list[Hol
     return list(result.scalars())
 
 
+async def holds_summary(session: AsyncSession) -> tuple[int, int]:
+    """(open holds, micro-USD they hold), across all customers."""
+    row = (
+        await session.execute(
+            sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(_holds.c.amount_micros), 0))
+        )
+    ).one()
+    return int(row[0]), int(row[1])
+
+
 async def held_sum(session: AsyncSession, customer_id: str) -> int:
     result = await session.execute(
         sa.select(sa.func.coalesce(sa.func.sum(_holds.c.amount_micros), 0)).where(

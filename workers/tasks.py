@@ -46,7 +46,7 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
         return bool(await services.redis.exists(instance_key(instance_id)))
 
     report = reconcile.Report()
-    book = await services.prices.book()
+    book = await services.prices.get()
     stale: list[Hold] = []
     if not (ctx.get("worker") and services.settings.is_memory_redis):
         # A separate process with an in-memory Redis cannot see the server's heartbeats: it
@@ -70,8 +70,24 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
         await services.redis.delete(progress_key(hold.request_id))
     async with services.db.transaction() as session:
         report.discrepancies = await reconcile.verify_books(session)
+    metrics = services.metrics
+    metrics.discrepancies.set(len(report.discrepancies))
+    if report.holds_settled:
+        metrics.holds_settled.labels("charged").inc(report.holds_settled)
+    if report.holds_released:
+        metrics.holds_settled.labels("released").inc(report.holds_released)
     for d in report.discrepancies:
-        log.error("reconciliation discrepancy %s for %s: %s", d.kind, d.customer_id, d.detail)
+        log.error(
+            "reconciliation discrepancy %s for %s: %s",
+            d.kind,
+            d.customer_id,
+            d.detail,
+            extra={
+                "event": "reconciliation_discrepancy",
+                "kind": d.kind,
+                "customer_id": d.customer_id,
+            },
+        )
     if stale:
         log.info("reconciliation finished %d left-behind holds", len(stale))
     return report.as_dict()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from typing import Any
 
 from app.cli.common import CliError, run
@@ -41,10 +40,9 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call otherwise
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    from app.logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,10 +13,10 @@ from starlette.routing import BaseRoute, Route
 
 from app import errors
 from app.errors import ApiError, to_api_error
+from app.relay.edges import OpenAIEdge, parse_json_object
 from app.relay.forward import open_upstream
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
-from app.relay.edges import OpenAIEdge, parse_json_object
 from app.relay.service import Relay, check_model_allowed, read_body
 from app.state import Services
 from billing import usage as usage_repo

@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from app import errors
 from app.errors import ApiError, to_api_error
+from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge, parse_json_object
 from app.relay.forward import Opened, open_upstream
@@ -126,6 +127,7 @@ class Billed:
     requested_model: str
     headers: dict[str, str] = field(default_factory=dict)
     """Relay notes for the customer: routing, budget warnings, the key's rate-limit state."""
+    endpoint: str = "messages"
 
 
 def _usage_tokens(usage: Usage) -> int:
@@ -272,7 +274,9 @@ class Relay:
                 async with db.transaction() as session:
                     await budgets.settle(session, key.key_id, reservation, 0)
             raise
-        return Billed(request_id, key, price, amount, started, stream, model, notes), edited
+        return Billed(
+            request_id, key, price, amount, started, stream, model, notes, endpoint
+        ), edited
 
     def touch(self, key: KeyContext) -> None:
         """Keep ``last_used_at`` roughly current: at most one write per key per minute."""
@@ -328,6 +332,7 @@ class Relay:
             log.warning(
                 "request %s cost %s above its hold %s", billed.request_id, cost, billed.hold_micros
             )
+        self._observe(billed, usage, cost, outcome)
         if usage is not None and billed.key.policy.tpm is not None:
             try:
                 await self.limiter.record_tokens(
@@ -336,6 +341,40 @@ class Relay:
             except Exception:
                 log.debug("could not correct the key's token window", exc_info=True)
         return cost
+
+    def _observe(self, billed: Billed, usage: Usage | None, cost: int, outcome: Outcome) -> None:
+        metrics = self.services.metrics
+        route = billed.endpoint
+        model = outcome.model or billed.requested_model
+        metrics.requests.labels(route, model, outcome.status).inc()
+        metrics.duration.labels(route).observe((outcome.duration_ms or 0) / 1000)
+        if outcome.ttfb_ms is not None:
+            metrics.ttfb.labels(route).observe(outcome.ttfb_ms / 1000)
+        if cost:
+            metrics.charged.inc(cost)
+        u = usage or Usage()
+        log_request(
+            request_id=billed.request_id,
+            upstream_request_id=outcome.upstream_request_id,
+            customer_id=billed.key.customer_id,
+            key_id=billed.key.key_id,
+            account_id=outcome.account_id,
+            route=route,
+            model=model,
+            stream=billed.stream,
+            status=outcome.status,
+            http_status=outcome.http_status,
+            attempts=outcome.attempts,
+            ttfb_ms=outcome.ttfb_ms,
+            duration_ms=outcome.duration_ms,
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cache_write_tokens=u.cache_creation_input_tokens,
+            cache_read_tokens=u.cache_read_input_tokens,
+            cost_micros=cost,
+            hold_micros=billed.hold_micros,
+            error=outcome.error,
+        )
 
     async def _release_quietly(self, billed: Billed, outcome: Outcome) -> None:
         try:
@@ -366,7 +405,16 @@ class Relay:
         except (ApiError, BillingError, PoolError) as exc:
             err = to_api_error(exc)
             err.headers = {**notes, **err.headers}
+            self.services.metrics.requests.labels(edge.endpoint, "", f"refused_{err.status}").inc()
+            log_request(
+                request_id=request_id,
+                route=edge.endpoint,
+                status="refused",
+                http_status=err.status,
+                error=err.message,
+            )
             return edge.render_error(err, request_id)
+        self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
         return await self.forward_billed(request, billed, body, forward, edge)
 

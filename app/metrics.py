@@ -1,0 +1,134 @@
+"""Prometheus metrics (``GET /metrics``), one registry per process.
+
+Counters and histograms are updated on the request path; pool and billing gauges (headroom,
+in-flight, outstanding holds) are read from Redis and the database when scraped, so they are the
+same on every relay process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "poolrelay_requests",
+            "Customer requests by route, model and status",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "poolrelay_relay_overhead_seconds",
+            "Time the relay adds before the upstream call (auth, policy, hold, scheduling)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "poolrelay_upstream_latency_seconds",
+            "Upstream time to response headers",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "poolrelay_time_to_first_byte_seconds",
+            "Request start to the first response byte from the upstream",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "poolrelay_request_duration_seconds",
+            "Whole request",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            "poolrelay_failovers", "Attempts moved to another account", ["reason"], registry=r
+        )
+        self.quarantines = Counter(
+            "poolrelay_quarantines", "Accounts quarantined", ["reason"], registry=r
+        )
+        self.charged = Counter(
+            "poolrelay_charged_microusd", "Micro-USD charged to customers", registry=r
+        )
+        self.discrepancies = Gauge(
+            "poolrelay_reconciliation_discrepancies",
+            "Differences found by the last reconciliation",
+            registry=r,
+        )
+        self.holds_settled = Counter(
+            "poolrelay_reconciliation_holds",
+            "Left-behind holds finished by reconciliation",
+            ["outcome"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class Snapshot(Collector):
+    """Gauges gathered right before a scrape (see :func:`app.main` ``/metrics``)."""
+
+    def __init__(self) -> None:
+        self.accounts: list[tuple[str, int, dict[str, float]]] = []
+        self.holds_outstanding = 0
+        self.held_micros = 0
+        self.taken_at = 0.0
+
+    def collect(self) -> Iterable[Metric]:
+        headroom = GaugeMetricFamily(
+            "poolrelay_account_headroom_ratio",
+            "remaining/limit per rate-limit family",
+            labels=["account", "family"],
+        )
+        in_flight = GaugeMetricFamily(
+            "poolrelay_account_in_flight", "Leased requests per account", labels=["account"]
+        )
+        for name, leases, families in self.accounts:
+            in_flight.add_metric([name], leases)
+            for family, ratio in families.items():
+                headroom.add_metric([name, family], ratio)
+        yield headroom
+        yield in_flight
+        yield GaugeMetricFamily(
+            "poolrelay_holds_outstanding", "Open holds", value=self.holds_outstanding
+        )
+        yield GaugeMetricFamily(
+            "poolrelay_held_microusd", "Micro-USD held by open holds", value=self.held_micros
+        )
+        yield GaugeMetricFamily(
+            "poolrelay_snapshot_age_seconds",
+            "Age of the pool snapshot",
+            value=time.time() - self.taken_at,
+        )
