@@ -135,6 +135,7 @@ def create_app(
                         lambda: tasks.probe_accounts(ctx),
                     )
                 ),
+                asyncio.create_task(_every(3600, "rollup", lambda: tasks.rollup_usage(ctx))),
             ]
         try:
             yield

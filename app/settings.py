@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     heartbeat_seconds: int = Field(default=30, ge=1, le=3600)
     """A relay process heart-beats in Redis; a hold whose process stopped heart-beating this
     long ago was left behind by a crash and is finished by reconciliation."""
+    request_log_retention_days: int = Field(default=90, ge=0)
+    """Older request-log rows are folded into daily usage roll-ups (0 keeps them forever)."""
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     embedded_jobs: bool | None = None

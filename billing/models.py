@@ -177,6 +177,25 @@ class ModelAlias(SQLModel, table=True):
     created_at: datetime = _ts()
 
 
+class UsageDaily(SQLModel, table=True):
+    """Usage of request-log rows past their retention, per day, customer, key, account and model."""
+
+    __tablename__ = "usage_daily"
+
+    day: str = Field(primary_key=True, max_length=10)
+    customer_id: str = Field(primary_key=True, max_length=40)
+    key_id: str = Field(primary_key=True, max_length=40)
+    account_id: str = Field(primary_key=True, max_length=40)
+    model: str = Field(primary_key=True, max_length=200)
+    requests: int = Field(default=0, sa_type=sa.BigInteger)
+    input_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    output_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_write_5m_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_write_1h_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cache_read_tokens: int = Field(default=0, sa_type=sa.BigInteger)
+    cost_micros: int = _micros()
+
+
 class RequestRecord(SQLModel, table=True):
     """The per-request log; a settled row is the request's usage record."""
 

@@ -16,13 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import InvalidField
-from billing.models import RequestRecord, iso
+from billing.models import RequestRecord, UsageDaily, iso
 from billing.money import format_usd
 
 USAGE_STATUSES = ("ok", "client_disconnect", "upstream_error", "crashed")
 GROUPS = ("model", "key", "account", "day", "customer")
 
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
+_daily = UsageDaily.__table__  # type: ignore[attr-defined]
 
 
 def parse_time(value: str | None, field_name: str, *, end: bool = False) -> datetime | None:
@@ -68,16 +69,34 @@ class UsageQuery:
         )
 
 
+MEASURES = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "cache_read_tokens",
+    "cost_micros",
+)
+GROUP_FIELDS = {
+    "model": "model",
+    "key": "key_id",
+    "account": "account_id",
+    "day": "day",
+    "customer": "customer_id",
+}
+
+
 def _filters(query: UsageQuery) -> list[sa.ColumnElement[bool]]:
     conds: list[sa.ColumnElement[bool]] = []
-    if query.customer_id:
-        conds.append(_log.c.customer_id == query.customer_id)
-    if query.key_id:
-        conds.append(_log.c.key_id == query.key_id)
-    if query.model:
-        conds.append(_log.c.model == query.model)
-    if query.account_id:
-        conds.append(_log.c.account_id == query.account_id)
+    for column, value in (
+        (_log.c.customer_id, query.customer_id),
+        (_log.c.key_id, query.key_id),
+        (_log.c.model, query.model),
+        (_log.c.account_id, query.account_id),
+    ):
+        if value:
+            conds.append(column == value)
     if query.start:
         conds.append(_log.c.started_at >= query.start)
     if query.end:
@@ -85,64 +104,142 @@ def _filters(query: UsageQuery) -> list[sa.ColumnElement[bool]]:
     return conds
 
 
-def _group_column(group: str, dialect: str) -> sa.ColumnElement[Any]:
-    if group == "day":
-        if dialect == "sqlite":
-            return sa.func.substr(_log.c.started_at, 1, 10).label("day")
-        return sa.func.to_char(sa.func.timezone("UTC", _log.c.started_at), "YYYY-MM-DD").label(
-            "day"
-        )
-    column = {
+def _day_of_log(dialect: str) -> sa.ColumnElement[Any]:
+    if dialect == "sqlite":
+        return sa.func.substr(_log.c.started_at, 1, 10)
+    return sa.func.to_char(sa.func.timezone("UTC", _log.c.started_at), "YYYY-MM-DD")
+
+
+def _log_source(query: UsageQuery, dialect: str) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """Columns, measures and filters over the request log (recent, exact per request)."""
+    columns: dict[str, Any] = {
         "model": _log.c.model,
-        "key": _log.c.key_id,
-        "account": _log.c.account_id,
-        "customer": _log.c.customer_id,
-    }[group]
-    return column.label(  # type: ignore[no-any-return]
-        {"key": "key_id", "account": "account_id", "customer": "customer_id"}.get(group, group)
-    )
+        "key_id": _log.c.key_id,
+        "account_id": _log.c.account_id,
+        "customer_id": _log.c.customer_id,
+        "day": _day_of_log(dialect),
+    }
+    measures = [
+        sa.func.count().label("requests"),
+        *(sa.func.sum(getattr(_log.c, m)).label(m) for m in MEASURES[1:]),
+    ]
+    conds: list[Any] = [_log.c.status.in_(USAGE_STATUSES)]
+    if query.start:
+        conds.append(_log.c.started_at >= query.start)
+    if query.end:
+        conds.append(_log.c.started_at < query.end)
+    return columns, measures, conds
 
 
-def _totals_view(row: Any) -> dict[str, Any]:
+def _daily_source(query: UsageQuery) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """The same over the daily roll-ups of requests older than the log's retention."""
+    columns: dict[str, Any] = {
+        "model": _daily.c.model,
+        "key_id": _daily.c.key_id,
+        "account_id": _daily.c.account_id,
+        "customer_id": _daily.c.customer_id,
+        "day": _daily.c.day,
+    }
+    measures = [sa.func.sum(getattr(_daily.c, m)).label(m) for m in MEASURES]
+    conds: list[Any] = []
+    if query.start:
+        conds.append(_daily.c.day >= query.start.date().isoformat())
+    if query.end:
+        conds.append(_daily.c.day < query.end.date().isoformat())
+    return columns, measures, conds
+
+
+def _view(values: dict[str, int]) -> dict[str, Any]:
     return {
-        "requests": int(row.requests or 0),
-        "input_tokens": int(row.input_tokens or 0),
-        "output_tokens": int(row.output_tokens or 0),
-        "cache_write_tokens": int(row.cache_write_tokens or 0),
-        "cache_write_5m_tokens": int(row.cache_write_5m_tokens or 0),
-        "cache_write_1h_tokens": int(row.cache_write_1h_tokens or 0),
-        "cache_read_tokens": int(row.cache_read_tokens or 0),
-        "cost_usd": format_usd(int(row.cost or 0)),
+        "requests": values["requests"],
+        "input_tokens": values["input_tokens"],
+        "output_tokens": values["output_tokens"],
+        "cache_write_tokens": values["cache_write_5m_tokens"] + values["cache_write_1h_tokens"],
+        "cache_write_5m_tokens": values["cache_write_5m_tokens"],
+        "cache_write_1h_tokens": values["cache_write_1h_tokens"],
+        "cache_read_tokens": values["cache_read_tokens"],
+        "cost_usd": format_usd(values["cost_micros"]),
     }
 
 
 async def totals(session: AsyncSession, query: UsageQuery) -> dict[str, Any]:
+    """Totals, grouped as asked: the request log plus the daily roll-ups, added exactly."""
     dialect = session.bind.dialect.name
-    measures = [
-        sa.func.count().label("requests"),
-        sa.func.sum(_log.c.input_tokens).label("input_tokens"),
-        sa.func.sum(_log.c.output_tokens).label("output_tokens"),
-        sa.func.sum(_log.c.cache_write_5m_tokens + _log.c.cache_write_1h_tokens).label(
-            "cache_write_tokens"
-        ),
-        sa.func.sum(_log.c.cache_write_5m_tokens).label("cache_write_5m_tokens"),
-        sa.func.sum(_log.c.cache_write_1h_tokens).label("cache_write_1h_tokens"),
-        sa.func.sum(_log.c.cache_read_tokens).label("cache_read_tokens"),
-        sa.func.sum(_log.c.cost_micros).label("cost"),
-    ]
-    conds = [_log.c.status.in_(USAGE_STATUSES), *_filters(query)]
-    overall = (await session.execute(sa.select(*measures).where(*conds))).one()
-    items: list[dict[str, Any]] = []
-    if query.group_by:
-        columns = [_group_column(g, dialect) for g in query.group_by]
-        stmt = sa.select(*columns, *measures).where(*conds).group_by(*columns).order_by(*columns)
+    fields = [GROUP_FIELDS[g] for g in query.group_by]
+    grouped: dict[tuple[Any, ...], dict[str, int]] = {}
+    overall = dict.fromkeys(MEASURES, 0)
+    for columns, measures, conds in (_log_source(query, dialect), _daily_source(query)):
+        filters = {
+            "customer_id": query.customer_id,
+            "key_id": query.key_id,
+            "model": query.model,
+            "account_id": query.account_id,
+        }
+        conds = conds + [columns[name] == value for name, value in filters.items() if value]
+        keys = [columns[f].label(f) for f in fields]
+        stmt = sa.select(*keys, *measures).where(*conds)
+        if keys:
+            stmt = stmt.group_by(*keys)
         for row in await session.execute(stmt):
-            item = {col.name: getattr(row, col.name) for col in columns}
-            item.update(_totals_view(row))
-            items.append(item)
+            values = {m: int(getattr(row, m) or 0) for m in MEASURES}
+            if not values["requests"]:
+                continue
+            group = tuple(getattr(row, f) or None for f in fields)
+            bucket = grouped.setdefault(group, dict.fromkeys(MEASURES, 0))
+            for m in MEASURES:
+                bucket[m] += values[m]
+                overall[m] += values[m]
+    if fields:
+        items = [
+            {**dict(zip(fields, group, strict=True)), **_view(values)}
+            for group, values in sorted(
+                grouped.items(), key=lambda kv: tuple(str(v) for v in kv[0])
+            )
+        ]
     else:
-        items.append(_totals_view(overall))
-    return {"group_by": query.group_by, "items": items, "totals": _totals_view(overall)}
+        items = [_view(overall)]
+    return {"group_by": query.group_by, "items": items, "totals": _view(overall)}
+
+
+async def roll_up(session: AsyncSession, *, before: datetime) -> int:
+    """Fold finished request-log rows older than ``before`` into ``usage_daily`` and delete them.
+
+    One transaction: a row leaves the log exactly when its usage lands in the roll-up, so
+    totals never change. Idempotent (a second run finds nothing to move). Returns rows moved.
+    """
+    dialect = session.bind.dialect.name
+    old = [_log.c.started_at < before, _log.c.status != "in_flight"]
+    day = _day_of_log(dialect)
+    dims = [day.label("day"), _log.c.customer_id, _log.c.key_id, _log.c.account_id, _log.c.model]
+    rows = (
+        await session.execute(
+            sa.select(
+                *dims,
+                sa.func.count().label("requests"),
+                *(sa.func.sum(getattr(_log.c, m)).label(m) for m in MEASURES[1:]),
+            )
+            .where(*old, _log.c.status.in_(USAGE_STATUSES))
+            .group_by(*dims)
+        )
+    ).all()
+    for row in rows:
+        key = {
+            "day": row.day,
+            "customer_id": row.customer_id,
+            "key_id": row.key_id,
+            "account_id": row.account_id or "",
+            "model": row.model or "",
+        }
+        values = {m: int(getattr(row, m) or 0) for m in MEASURES}
+        updated = await session.execute(
+            sa.update(_daily)
+            .where(*(getattr(_daily.c, k) == v for k, v in key.items()))
+            .values(**{m: getattr(_daily.c, m) + values[m] for m in MEASURES})
+        )
+        if updated.rowcount == 0:  # type: ignore[attr-defined]
+            await session.execute(sa.insert(_daily).values(**key, **values))
+    moved = await session.execute(sa.delete(_log).where(*old))
+    return int(moved.rowcount)  # type: ignore[attr-defined]
 
 
 def request_view(row: RequestRecord, *, with_bodies: bool) -> dict[str, Any]:

@@ -29,10 +29,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await services.aclose()
 
 
-FUNCTIONS = [tasks.reconcile_billing, tasks.probe_accounts]
+FUNCTIONS = [tasks.reconcile_billing, tasks.probe_accounts, tasks.rollup_usage]
 CRON_JOBS = [
     cron(tasks.reconcile_billing, second={0, 30}, unique=True, run_at_startup=True),
     cron(tasks.probe_accounts, second=set(range(0, 60, 10)), unique=True, run_at_startup=True),
+    cron(tasks.rollup_usage, minute=17, second=0, unique=True),
 ]
 
 

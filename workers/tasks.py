@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from app.relay.service import progress_key
 from app.state import Services
-from billing import reconcile
+from billing import reconcile, usage
 from billing.models import Hold
 from billing.pricing import Usage
 from pool import accounts as account_repo
@@ -139,3 +139,17 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
                 )
         results.append({"account_id": account_id, "ok": result.ok, "detail": result.detail})
     return results
+
+
+async def rollup_usage(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Fold request-log rows past ``REQUEST_LOG_RETENTION_DAYS`` into daily usage roll-ups."""
+    services: Services = ctx["services"]
+    days = services.settings.request_log_retention_days
+    if days <= 0:
+        return {"moved": 0}
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with services.db.transaction() as session:
+        moved = await usage.roll_up(session, before=today - timedelta(days=days))
+    if moved:
+        log.info("rolled %d request-log rows into daily usage", moved)
+    return {"moved": moved}
