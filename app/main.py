@@ -26,6 +26,7 @@ from app.admin import accounts as admin_accounts
 from app.admin import aliases as admin_aliases
 from app.admin import customers as admin_customers
 from app.admin import prices as admin_prices
+from app.admin import ui as admin_ui
 from app.admin import usage as admin_usage
 from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
@@ -196,6 +197,8 @@ def create_app(
     admin = [Depends(require_admin)]
     for module in (admin_customers, admin_accounts, admin_prices, admin_aliases, admin_usage):
         app.include_router(module.router, dependencies=admin)
+    # The dashboard page is public (it holds no data); everything it shows comes from the admin API.
+    app.include_router(admin_ui.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
