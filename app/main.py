@@ -69,8 +69,10 @@ async def _every(seconds: float, name: str, job: Callable[[], Awaitable[Any]]) -
         await asyncio.sleep(seconds)
 
 
-class BodyLimit:
-    """Pure ASGI middleware: refuse a declared body over the limit before reading it (413)."""
+class RequestGuard:
+    """Pure ASGI middleware: refuse a declared body over the limit before reading it (413), and
+    a path or query string with a NUL byte (400: no id or filter can contain one, and
+    PostgreSQL refuses NUL in text)."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
@@ -78,6 +80,13 @@ class BodyLimit:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            query: bytes = scope.get("query_string", b"")
+            if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
+                response = errors.anthropic_response(
+                    errors.invalid_request("NUL bytes are not allowed in URLs")
+                )
+                await response(scope, receive, send)
+                return
             for name, value in scope.get("headers", ()):
                 if name == b"content-length":
                     try:
@@ -236,7 +245,7 @@ def create_app(
         )
 
     app.router.routes.extend(customer_routes())
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
     return app
 
 

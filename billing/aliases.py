@@ -7,12 +7,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import InvalidField
 from billing.models import ModelAlias, iso
+from billing.text import clean_text
 
 
 def _name(value: str, field: str) -> str:
-    value = value.strip() if isinstance(value, str) else ""
-    if not value or len(value) > 200 or any(c.isspace() for c in value):
-        raise InvalidField(field, "must be a non-empty name without spaces")
+    value = clean_text(value, field)
+    if any(c.isspace() for c in value):
+        raise InvalidField(field, "must be a name without spaces")
     return value
 
 

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from billing.errors import CustomerNotFound, InvalidField, KeyNotFound
 from billing.models import Customer, CustomerKey, utcnow
 from billing.money import format_multiplier, parse_multiplier
+from billing.text import clean_text
 
 KEY_PREFIX = "sk-pr-"
 CUSTOMER_STATUSES = ("active", "suspended")
@@ -41,11 +42,7 @@ def looks_like_key(value: str) -> bool:
 
 
 def _name(value: object, field: str = "name") -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidField(field, "must be a non-empty string")
-    if len(value) > 200:
-        raise InvalidField(field, "must be at most 200 characters")
-    return value.strip()
+    return clean_text(value, field)
 
 
 async def create_customer(
@@ -146,6 +143,14 @@ async def create_key(
         raise InvalidField(
             "route_small_to", "and route_small_max_input_tokens must be given together"
         )
+    for field_name, model in (
+        ("downgrade_model", policy.downgrade_model),
+        ("route_small_to", policy.route_small_to),
+    ):
+        if model is not None:
+            clean_text(model, field_name)
+    for pattern in policy.allowed_models or ():
+        clean_text(pattern, "allowed_models")
     plaintext = generate_key()
     row = CustomerKey(
         customer_id=customer_id,

@@ -104,6 +104,11 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
     )
 
 
+def _clip(text: str | None) -> str | None:
+    """Error text for the log: bounded, and without NUL (PostgreSQL refuses it in text)."""
+    return text.replace("\x00", "")[:1000] if text else None
+
+
 @dataclass(slots=True)
 class Outcome:
     """How a request ended, for the request log."""
@@ -172,7 +177,7 @@ async def settle(
         "account_id": outcome.account_id,
         "upstream_request_id": outcome.upstream_request_id,
         "attempts": outcome.attempts,
-        "error": outcome.error[:1000] if outcome.error else None,
+        "error": _clip(outcome.error),
         "ttfb_ms": outcome.ttfb_ms,
         "duration_ms": outcome.duration_ms,
         "finished_at": utcnow(),
@@ -333,7 +338,7 @@ async def settle_fast(
         "account_id": outcome.account_id,
         "upstream_request_id": outcome.upstream_request_id,
         "attempts": outcome.attempts,
-        "error": outcome.error[:1000] if outcome.error else None,
+        "error": _clip(outcome.error),
         "ttfb_ms": outcome.ttfb_ms,
         "duration_ms": outcome.duration_ms,
         "response_body": outcome.response_body,

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing.errors import CustomerNotFound, IdempotencyConflict, InvalidAmount
 from billing.models import Customer, LedgerEntry, utcnow
+from billing.text import clean_text
 
 KINDS = ("topup", "adjustment", "usage")
 
@@ -138,6 +139,8 @@ async def credit(
         raise InvalidAmount("amount_usd", "a top-up must be positive")
     if kind == "adjustment" and amount_micros == 0:
         raise InvalidAmount("amount_usd", "an adjustment must not be zero")
+    if memo is not None:
+        memo = clean_text(memo, "memo", max_length=500, allow_empty=True) or None
     fp = fingerprint_request(kind, amount_micros, memo or "")
     if idempotency_key is not None:
         existing = await find_idempotent(session, customer_id, idempotency_key)

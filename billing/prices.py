@@ -11,6 +11,7 @@ from billing.errors import InvalidField
 from billing.models import PriceRow, iso, utcnow
 from billing.money import format_price_per_mtok, parse_price_per_mtok
 from billing.pricing import Price
+from billing.text import clean_text
 
 PRICE_FIELDS = {
     "input_usd_per_mtok": "input_micros",
@@ -52,7 +53,8 @@ async def list_prices(session: AsyncSession) -> list[PriceRow]:
 
 
 def _valid_model(model: str) -> str:
-    if not model or len(model) > 200 or any(c.isspace() for c in model):
+    model = clean_text(model, "model")
+    if any(c.isspace() for c in model):
         raise InvalidField("model", "must be a model id without spaces")
     return model
 

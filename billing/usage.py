@@ -35,7 +35,7 @@ def parse_time(value: str | None, field_name: str, *, end: bool = False) -> date
             moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
             return moment + timedelta(days=1) if end else moment
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidField(field_name, "must be an ISO 8601 date or date-time") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 

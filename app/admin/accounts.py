@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.admin.deps import ServicesDep, SessionDep
+from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
 from app.state import Services
 from billing.models import iso
 from pool import accounts as account_repo
@@ -69,9 +69,13 @@ async def account_views(services: Services, rows: list[UpstreamAccount]) -> list
 
 
 @router.get("/admin/accounts")
-async def list_accounts(services: ServicesDep, session: SessionDep) -> dict[str, Any]:
-    rows = await account_repo.list_accounts(session)
-    return {"items": await account_views(services, rows), "next_cursor": None}
+async def list_accounts(
+    services: ServicesDep, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> dict[str, Any]:
+    rows = [
+        r for r in await account_repo.list_accounts(session) if cursor is None or r.name > cursor
+    ]
+    return page(await account_views(services, rows[:limit]), limit, "name")
 
 
 @router.get("/admin/accounts/{account_id}")

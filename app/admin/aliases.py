@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import errors
-from app.admin.deps import ServicesDep, SessionDep
+from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
 from billing import aliases
 
 router = APIRouter(tags=["aliases"])
@@ -20,9 +20,11 @@ class AliasBody(BaseModel):
 
 
 @router.get("/admin/aliases")
-async def list_aliases(session: SessionDep) -> dict[str, Any]:
-    rows = await aliases.list_aliases(session)
-    return {"items": [aliases.alias_view(r) for r in rows], "next_cursor": None}
+async def list_aliases(
+    session: SessionDep, limit: Limit = 100, cursor: Cursor = None
+) -> dict[str, Any]:
+    rows = [r for r in await aliases.list_aliases(session) if cursor is None or r.alias > cursor]
+    return page([aliases.alias_view(r) for r in rows[:limit]], limit, "alias")
 
 
 @router.put("/admin/aliases/{alias:path}")

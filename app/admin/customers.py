@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from app.admin.deps import (
     Cursor,
@@ -25,7 +25,8 @@ from billing.money import parse_usd
 
 router = APIRouter(tags=["customers"])
 
-Number = str | int | float
+# Money arrives as a decimal string; JSON numbers are accepted, JSON booleans are not.
+Number = StrictStr | StrictInt | StrictFloat
 
 
 def _decimal_text(value: Number) -> str:
@@ -198,5 +199,7 @@ async def customer_ledger(
         before = int(cursor) if cursor else None
     except ValueError:
         raise InvalidField("cursor", "is not a cursor this API returned") from None
+    if before is not None and not 0 < before < 2**63:
+        raise InvalidField("cursor", "is not a cursor this API returned")
     rows = await ledger.entries(session, customer_id, before_id=before, limit=limit)
     return page([entry_view(e) for e in rows], limit, "id")

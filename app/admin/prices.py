@@ -6,16 +6,18 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from app.admin.deps import ServicesDep, SessionDep
+from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
 from billing import prices as price_repo
 
 router = APIRouter(tags=["prices"])
 
 
 @router.get("/admin/prices")
-async def list_prices(session: SessionDep) -> dict[str, Any]:
-    rows = await price_repo.list_prices(session)
-    return {"items": [price_repo.price_view(r) for r in rows], "next_cursor": None}
+async def list_prices(
+    session: SessionDep, limit: Limit = 100, cursor: Cursor = None
+) -> dict[str, Any]:
+    rows = [r for r in await price_repo.list_prices(session) if cursor is None or r.model > cursor]
+    return page([price_repo.price_view(r) for r in rows[:limit]], limit, "model")
 
 
 @router.put("/admin/prices/{model:path}")
