@@ -7,6 +7,7 @@ reaches every relay process within a second without a database read per request.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -36,6 +37,7 @@ class KeyAuthenticator:
         self._db = db
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, KeyContext | None]] = {}
+        self._pending: dict[str, asyncio.Future[KeyContext | None]] = {}
 
     async def authenticate(self, headers: Mapping[str, str]) -> KeyContext:
         """The key's context, or ApiError 401/403."""
@@ -63,8 +65,21 @@ class KeyAuthenticator:
         cached = self._cache.get(plaintext)
         if cached is not None and now - cached[0] < self._ttl:
             return cached[1]
-        async with self._db.transaction() as session:
-            ctx = await customers.lookup_key(session, plaintext)
+        pending = self._pending.get(plaintext)
+        if pending is not None:  # one lookup per key at a time, however many requests wait
+            return await asyncio.shield(pending)
+        future: asyncio.Future[KeyContext | None] = asyncio.get_running_loop().create_future()
+        self._pending[plaintext] = future
+        try:
+            async with self._db.transaction() as session:
+                ctx = await customers.lookup_key(session, plaintext)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it as unhandled
+            raise
+        finally:
+            del self._pending[plaintext]
+        future.set_result(ctx)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[plaintext] = (now, ctx)

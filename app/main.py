@@ -20,6 +20,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
 
 from app import errors
 from app.admin import accounts as admin_accounts
@@ -69,41 +71,59 @@ async def _every(seconds: float, name: str, job: Callable[[], Awaitable[Any]]) -
         await asyncio.sleep(seconds)
 
 
-class RequestGuard:
-    """Pure ASGI middleware: refuse a declared body over the limit before reading it (413), and
-    a path or query string with a NUL byte (400: no id or filter can contain one, and
-    PostgreSQL refuses NUL in text)."""
+def refuse(scope: Scope, limit: int) -> Response | None:
+    """Refuse a declared body over the limit before reading it (413), and a path or query
+    string with a NUL byte (400: no id or filter can contain one, and PostgreSQL refuses NUL
+    in text)."""
+    query: bytes = scope.get("query_string", b"")
+    if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
+        return errors.anthropic_response(
+            errors.invalid_request("NUL bytes are not allowed in URLs")
+        )
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                too_big = int(value) > limit
+            except ValueError:
+                too_big = False
+            return errors.anthropic_response(errors.too_large(limit)) if too_big else None
+    return None
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+def is_customer_path(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/", "/api/hello")
+
+
+class PoolrelayApp(FastAPI):
+    """FastAPI for the admin API, docs and health; the customer API (the hot path) is a plain
+    Starlette router reached without FastAPI's middleware and dependency machinery."""
+
+    body_limit: int = 0
+    customer_router: Router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            query: bytes = scope.get("query_string", b"")
-            if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
-                response = errors.anthropic_response(
-                    errors.invalid_request("NUL bytes are not allowed in URLs")
-                )
-                await response(scope, receive, send)
+            refusal = refuse(scope, self.body_limit)
+            if refusal is not None:
+                await refusal(scope, receive, send)
                 return
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length":
-                    try:
-                        too_big = int(value) > self.limit
-                    except ValueError:
-                        too_big = False
-                    if too_big:
-                        response = errors.anthropic_response(errors.too_large(self.limit))
-                        await response(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+            if is_customer_path(scope["path"]):
+                scope["app"] = self
+                try:
+                    await self.customer_router(scope, receive, send)
+                except StarletteHTTPException as exc:  # 405 and friends, before any byte went out
+                    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+                    response = errors.anthropic_response(
+                        ApiError(exc.status_code, kind, str(exc.detail))
+                    )
+                    await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
     settings: Settings | None = None, *, print_token: Callable[[str], None] | None = None
-) -> FastAPI:
+) -> PoolrelayApp:
     settings = settings or Settings()
     check_settings(settings)
 
@@ -159,7 +179,7 @@ def create_app(
                 await services.redis.delete(tasks.instance_key(services.instance_id))
             await services.aclose()
 
-    app = FastAPI(
+    app = PoolrelayApp(
         title="poolrelay",
         version="0.1.0",
         summary="A relay for the Anthropic Messages API with a prepaid ledger and an account pool",
@@ -244,8 +264,8 @@ def create_app(
             {"status": "ok" if ready else "unavailable", "checks": checks}, 200 if ready else 503
         )
 
-    app.router.routes.extend(customer_routes())
-    app.add_middleware(RequestGuard, limit=settings.max_body_bytes)
+    app.customer_router = Router(routes=customer_routes())
+    app.body_limit = settings.max_body_bytes
     return app
 
 

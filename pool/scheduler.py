@@ -461,6 +461,20 @@ end
 return 0
 """
 
+_FINISH = """
+local now, member, hr, success = clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local acct, e = lease_parse(member)
+if not acct then return 0 end
+if hr ~= '' then redis.call('HSET', K_HR, acct, hr) end
+if success == '1' then redis.call('HDEL', K_CB, acct) end
+if redis.call('ZREM', K_LEASES, member) == 1 then
+  refresh(acct, now, -1, -e)
+elseif hr ~= '' then
+  refresh(acct, now)
+end
+return 1
+"""
+
 _RENEW = """
 local now, member, ttl = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local acct, e = lease_parse(member)
@@ -645,6 +659,7 @@ class Scheduler:
         self._acquire = register(_lua(_ACQUIRE))
         self._register = register(_lua(_REGISTER))
         self._release = register(_lua(_RELEASE))
+        self._finish = register(_lua(_FINISH))
         self._renew = register(_lua(_RENEW))
         self._record_headers = register(_lua(_RECORD_HEADERS))
         self._quarantine = register(_lua(_QUARANTINE))
@@ -739,6 +754,27 @@ class Scheduler:
     async def release(self, lease: Lease, now: float | None = None) -> None:
         """Give the lease's slot back (idempotent: a second release does nothing)."""
         await self._release(keys=self._keys, args=[_time(now), self._member(lease)])
+
+    async def finish(
+        self,
+        lease: Lease,
+        *,
+        headers: Mapping[str, str] | None = None,
+        success: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """End a request in one round trip: release its lease, store the rate-limit families of
+        its response (if any), and on ``success`` reset the account's circuit breaker."""
+        families = parse_ratelimit_headers(headers) if headers is not None else {}
+        await self._finish(
+            keys=self._keys,
+            args=[
+                _time(now),
+                self._member(lease),
+                _encode_families(families) if families else "",
+                "1" if success else "0",
+            ],
+        )
 
     async def renew(self, lease: Lease, now: float | None = None) -> Lease:
         """Extend a long stream's lease by ``lease_ttl`` from now. A lease that had already

@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
@@ -64,10 +66,22 @@ def make_client(
         connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout
     )
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=60)
+    # No cookie jar: a cookie set by the upstream for one account must never be sent with
+    # another account's (or another customer's) request.
+    cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     if use_aiohttp:
-        transport = AiohttpTransport(limits=limits, trust_env=False)
-        return httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=limits.max_connections or 0, keepalive_timeout=60
+            )
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        transport = AiohttpTransport(client=session, trust_env=False)
+        return httpx.AsyncClient(
+            transport=transport, timeout=timeout, trust_env=False, cookies=cookies
+        )
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, cookies=cookies)
 
 
 def upstream_headers(

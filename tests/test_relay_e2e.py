@@ -350,3 +350,48 @@ def test_raw_sse_through_the_relay_equals_the_upstream_bytes(relay: RelayServer)
         assert debit["amount_usd"] == "-0.000771"
     finally:
         upstream.stop()
+
+
+def test_upstream_cookies_are_never_replayed(relay: RelayServer) -> None:
+    """A cookie one upstream answer sets must not ride along on later requests."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.harness import ThreadServer
+
+    seen: list[str | None] = []
+
+    async def messages(request: Request) -> JSONResponse:
+        seen.append(request.headers.get("cookie"))
+        response = JSONResponse(
+            {
+                "id": "msg_c",
+                "type": "message",
+                "role": "assistant",
+                "model": MODEL,
+                "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1},
+            }
+        )
+        response.set_cookie("upstream_session", "secret-of-account-a")
+        return response
+
+    upstream = ThreadServer(Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])]))
+    upstream.start_thread()
+    try:
+        relay.add_account("cookie-setter", UPSTREAM_KEY, upstream.url)
+        _customer, key = relay.create_customer()
+        for _ in range(3):
+            r = httpx.post(
+                f"{relay.url}/v1/messages",
+                headers={"x-api-key": key},
+                json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+            )
+            assert r.status_code == 200
+        assert seen == [None, None, None]
+    finally:
+        upstream.stop()

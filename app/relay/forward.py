@@ -103,11 +103,14 @@ async def open_upstream(
                 candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude
             )
         except NoCapacity as exc:
-            if attempt == 1 or last_verdict in (Verdict.RATE_LIMITED, None):
-                raise
-            raise errors.overloaded() from exc
+            # What is left is rate limited or full: 429, as the next request would get from
+            # the scheduler, whatever this request's earlier attempts ran into.
+            if rate_limited_until:
+                wait = min(exc.retry_after, min(rate_limited_until) - time.time())
+                raise NoCapacity(wait) from None
+            raise
         except NoAccount:
-            if last_verdict == Verdict.RATE_LIMITED and rate_limited_until:
+            if rate_limited_until:  # an account this request tried is rate limited
                 raise NoCapacity(max(1.0, min(rate_limited_until) - time.time())) from None
             if attempt == 1:
                 raise

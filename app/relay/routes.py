@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,8 @@ from billing.ids import new_id
 from billing.money import format_usd
 from pool.errors import PoolError
 from pool.upstream import customer_headers
+
+log = logging.getLogger("poolrelay.api")
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -183,7 +186,13 @@ def customer_routes() -> list[BaseRoute]:
 
     def bind(name: str) -> Callable[[Request], Awaitable[Any]]:
         async def endpoint(request: Request) -> Any:
-            return await getattr(request.app.state.customer_api, name)(request)
+            try:
+                return await getattr(request.app.state.customer_api, name)(request)
+            except Exception:
+                log.exception("unexpected error on %s %s", request.method, request.url.path)
+                return errors.anthropic_response(
+                    errors.ApiError(500, "api_error", "Internal server error")
+                )
 
         endpoint.__name__ = name
         return endpoint

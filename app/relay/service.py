@@ -506,8 +506,7 @@ class Relay:
             )
         finally:
             await opened.response.aclose()
-        await services.scheduler.release(opened.lease)
-        await services.scheduler.record_success(opened.account.id)
+        await services.scheduler.finish(opened.lease, success=True)
         usage: Usage | None = None
         model: str | None = None
         try:
@@ -546,9 +545,9 @@ class Relay:
         self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd
     ) -> None:
         services = self.services
-        await services.scheduler.release(opened.lease)
-        if end.status == "ok":
-            await services.scheduler.record_success(opened.account.id)
+        await services.scheduler.finish(
+            opened.lease, headers=opened.response.headers, success=end.status == "ok"
+        )
         usage: Usage | None = None
         if meter.started:
             usage = meter.usage
