@@ -34,7 +34,6 @@ from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
 from app.errors import ApiError, to_api_error
 from app.metrics import Snapshot
-from app.migrate import upgrade
 from app.relay.routes import CustomerApi, customer_routes, json_response
 from app.relay.service import Relay
 from app.settings import Settings
@@ -130,6 +129,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.is_sqlite:
+            from app.migrate import upgrade  # Alembic is only needed here on SQLite
+
             await asyncio.to_thread(upgrade, settings.database_url)
         services: Services = build_services(settings)
         app.state.services = services

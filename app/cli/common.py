@@ -9,7 +9,6 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from app.migrate import upgrade
 from app.settings import Settings
 from app.state import Services, build_services
 from pool.crypto import Secret, validate_credential
@@ -24,6 +23,8 @@ class CliError(Exception):
 @contextlib.asynccontextmanager
 async def services_for(settings: Settings) -> AsyncIterator[Services]:
     if settings.is_sqlite:
+        from app.migrate import upgrade
+
         await asyncio.to_thread(upgrade, settings.database_url)
     services = build_services(settings)
     try:
