@@ -409,15 +409,9 @@ if not chosen then
     chosen = ok
   else
     if next(full) then
-      local leases = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
-      for i = 1, #leases, 2 do
-        if full[lease_parse(leases[i])] then
-          local wait = tonumber(leases[i + 1]) - now
-          if retry == nil or wait < retry then retry = wait end
-          break
-        end
-      end
-      if retry == nil then retry = ttl end
+      -- A full account frees a slot as soon as any of its requests ends (usually seconds;
+      -- the lease expiry is only the crash bound): ask the client to come back in a second.
+      retry = 1
     end
     if retry == nil then return {'NOACCT'} end
     if retry < 1 then retry = 1 end

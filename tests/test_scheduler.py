@@ -216,7 +216,7 @@ def test_concurrency_cap_and_lease_expiry(env: Env) -> None:
         await s.acquire(pool, expected_tokens=0, now=NOW + 5)
         with pytest.raises(NoCapacity) as caught:
             await s.acquire(pool, expected_tokens=0, now=NOW + 10)
-        assert caught.value.retry_after == pytest.approx(50.0)  # first lease expires at NOW+60
+        assert caught.value.retry_after == 1.0  # a slot frees when any request ends
         assert (await s.states(["a"], NOW + 10))["a"].in_flight == 2
         # a release frees a slot; a second release of the same lease changes nothing
         await s.release(first, NOW + 10)
@@ -252,7 +252,7 @@ def test_renew_extends_a_long_stream(env: Env) -> None:
         assert renewed.lease_id == lease.lease_id
         with pytest.raises(NoCapacity) as caught:
             await s.acquire(pool, expected_tokens=0, now=NOW + 70)  # would have expired at +60
-        assert caught.value.retry_after == pytest.approx(40.0)
+        assert caught.value.retry_after == 1.0
         # a renewal after expiry takes the slot back: the stream is still running
         assert (await s.states(["a"], NOW + 200))["a"].in_flight == 0
         late = await s.renew(renewed, NOW + 200)
@@ -333,15 +333,18 @@ def test_no_capacity_retry_after(env: Env) -> None:
         await s.quarantine("a", "rate_limited", NOW + 20, None, NOW)
         await s.acquire(cands("b", cap=1), expected_tokens=0, now=NOW)  # b now full until +60
         await s.quarantine("c", "credential_invalid", None, None, NOW)
-        with pytest.raises(NoCapacity) as caught:
+        with pytest.raises(NoCapacity) as caught:  # b frees a slot when its request ends
             await s.acquire(cands("a", "b", "c", cap=1), expected_tokens=0, now=NOW)
+        assert caught.value.retry_after == 1.0
+        with pytest.raises(NoCapacity) as caught:  # only a rate limit: until it ends
+            await s.acquire(cands("a", "c", cap=1), expected_tokens=0, now=NOW)
         assert caught.value.retry_after == pytest.approx(20.0)
         with pytest.raises(NoCapacity) as caught:  # never less than 1 s
             await s.acquire(cands("a", cap=1), expected_tokens=0, now=NOW + 19.5)
         assert caught.value.retry_after == 1.0
         with pytest.raises(NoCapacity) as caught:
             await s.acquire(cands("b", "c", cap=1), expected_tokens=0, now=NOW + 30)
-        assert caught.value.retry_after == pytest.approx(30.0)
+        assert caught.value.retry_after == 1.0
 
     env.run(body, lease_ttl=60.0)
 

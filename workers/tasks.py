@@ -25,6 +25,7 @@ log = logging.getLogger("poolrelay.jobs")
 MAX_REQUEST_AGE = timedelta(hours=3)
 PROBE_BACKOFF_MIN = 5.0
 PROBE_BACKOFF_MAX = 600.0
+BILLING_FIRST_PROBE = 900.0
 
 
 def instance_key(instance_id: str) -> str:
@@ -110,6 +111,15 @@ async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:
         if account is None:
             continue
         state_raw = await services.redis.get(_probe_key(account_id))
+        if state_raw is None and reason == "upstream_billing":
+            # A free probe cannot see credit: wait before the first one, so that an account
+            # out of credit does not bounce back into service on every health cycle.
+            await services.redis.set(
+                _probe_key(account_id),
+                orjson.dumps({"next": now + BILLING_FIRST_PROBE, "backoff": BILLING_FIRST_PROBE}),
+                ex=int(PROBE_BACKOFF_MAX * 4),
+            )
+            continue
         state = (
             orjson.loads(state_raw) if state_raw else {"next": 0.0, "backoff": PROBE_BACKOFF_MIN}
         )

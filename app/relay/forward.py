@@ -146,9 +146,11 @@ async def open_upstream(
             continue
         ttfb_ms = int((time.monotonic() - started) * 1000)
         now = time.time()
-        await services.scheduler.record_headers(account.id, response.headers, now)
         if response.status_code < 400:
+            # Headroom from a success is stored when the request ends (Scheduler.finish: one
+            # Redis call for lease, headroom and breaker).
             return Opened(response, account, lease, attempt, Verdict.OK, ttfb_ms, failures=failures)
+        await services.scheduler.record_headers(account.id, response.headers, now)
         body = await response.aread()
         await response.aclose()
         verdict = classify(response.status_code, body)

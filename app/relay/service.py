@@ -506,7 +506,7 @@ class Relay:
             )
         finally:
             await opened.response.aclose()
-        await services.scheduler.finish(opened.lease, success=True)
+        await services.scheduler.finish(opened.lease, headers=opened.response.headers, success=True)
         usage: Usage | None = None
         model: str | None = None
         try:
