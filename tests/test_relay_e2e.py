@@ -389,7 +389,11 @@ def test_upstream_cookies_are_never_replayed(relay: RelayServer) -> None:
             r = httpx.post(
                 f"{relay.url}/v1/messages",
                 headers={"x-api-key": key},
-                json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+                json={
+                    "model": MODEL,
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
             )
             assert r.status_code == 200
         assert seen == [None, None, None]
