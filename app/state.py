@@ -33,7 +33,7 @@ from pool.accounts import AccountDirectory
 from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
 from pool.scheduler import Scheduler
-from pool.upstream import make_client
+from pool.upstream import UpstreamClient, make_client
 
 T = TypeVar("T")
 
@@ -94,6 +94,7 @@ class Services:
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
     metrics: Metrics = field(default_factory=Metrics)
     _http: httpx.AsyncClient | None = None
+    _upstream: UpstreamClient | None = None
     admin_digest: str = ""
 
     @property
@@ -105,9 +106,21 @@ class Services:
             )
         return self._http
 
+    @property
+    def upstream(self) -> UpstreamClient:
+        """The relay's hot-path client (aiohttp)."""
+        if self._upstream is None:
+            self._upstream = UpstreamClient(
+                connect_timeout=self.settings.upstream_connect_timeout,
+                read_timeout=self.settings.upstream_read_timeout,
+            )
+        return self._upstream
+
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
+        if self._upstream is not None:
+            await self._upstream.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         await self.db.dispose()

@@ -1,8 +1,9 @@
-"""The upstream HTTP client and the classification of upstream answers.
+"""The upstream HTTP clients and the classification of upstream answers.
 
-httpx's API on the aiohttp transport (``httpx-aiohttp``): on this hardware httpx's default
-transport spends several milliseconds of CPU per request at high concurrency, aiohttp under one
-(see README, "Benchmarks"). One client per process, connections pooled per upstream host.
+The relay's hot path talks to the upstream with aiohttp directly (:class:`UpstreamClient`): on
+this hardware httpx's default transport spends milliseconds of CPU per request at high
+concurrency, and even on aiohttp's transport httpx's own layers cost about a fifth of the
+relay's CPU (README, "Benchmarks"). One session per process, connections pooled per host.
 
 :func:`classify` is the pool's one table of what an upstream answer means for the account and
 for the request (spec §4, contract §7).
@@ -11,14 +12,13 @@ for the request (spec §4, contract §7).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
 import orjson
-from httpx_aiohttp import AiohttpTransport
 
 HOP_BY_HOP = frozenset(
     {
@@ -59,29 +59,106 @@ DROP_RESPONSE = HOP_BY_HOP | {
 POOL_HEADER_PREFIXES = ("anthropic-ratelimit-", "anthropic-priority-")
 
 
-def make_client(
-    *, connect_timeout: float, read_timeout: float, use_aiohttp: bool = True
-) -> httpx.AsyncClient:
+def make_client(*, connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
+    """httpx for the occasional upstream call off the hot path (health probes, ``accounts check``)."""
     timeout = httpx.Timeout(
         connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout
     )
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=60)
     # No cookie jar: a cookie set by the upstream for one account must never be sent with
-    # another account's (or another customer's) request.
+    # another account's request.
     cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    if use_aiohttp:
+    return httpx.AsyncClient(timeout=timeout, trust_env=False, cookies=cookies)
 
-        def session() -> aiohttp.ClientSession:
+
+class UpstreamResponse:
+    """An upstream answer whose status line and headers are in hand, the body not yet read."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def aread(self) -> bytes:
+        return await self._response.read()
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        """Chunks as they arrive (no re-chunking, no buffering)."""
+        return self._response.content.iter_any()
+
+    async def aclose(self) -> None:
+        # A body read to the end gives the connection back to the pool; anything else (a client
+        # that went away mid-stream) closes it, which stops the upstream request at once.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
+
+
+class UpstreamClient:
+    """The relay's upstream client: one aiohttp session per process (connection pooling per
+    upstream host, no cookie jar, no automatic decompression, no redirects).
+
+    The hot path uses aiohttp directly: on this hardware httpx's request/response layers on top
+    of the same transport cost about a fifth of the relay's CPU per request (README,
+    "Benchmarks"). Health probes and admin tools keep httpx's API (:func:`make_client`).
+    """
+
+    def __init__(
+        self, *, connect_timeout: float, read_timeout: float, max_connections: int = 2000
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
-                limit=limits.max_connections or 0, keepalive_timeout=60
+                limit=self._max_connections, keepalive_timeout=60, ttl_dns_cache=300
             )
-            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+                skip_auto_headers=("User-Agent",),
+            )
+        return self._session
 
-        transport = AiohttpTransport(client=session, trust_env=False)
-        return httpx.AsyncClient(
-            transport=transport, timeout=timeout, trust_env=False, cookies=cookies
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        connect_timeout: float,
+    ) -> UpstreamResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=connect_timeout,
+            sock_connect=connect_timeout,
+            sock_read=self._read_timeout,
         )
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False, cookies=cookies)
+        response = await self._get_session().request(
+            method, url, headers=headers, data=content, allow_redirects=False, timeout=timeout
+        )
+        return UpstreamResponse(response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 def upstream_headers(
@@ -108,10 +185,10 @@ def upstream_headers(
     return out
 
 
-def customer_headers(upstream: httpx.Headers) -> list[tuple[str, str]]:
+def customer_headers(upstream: Mapping[str, str]) -> list[tuple[str, str]]:
     """Response headers for the customer: pool-describing headers removed."""
     out: list[tuple[str, str]] = []
-    for name, value in upstream.multi_items():
+    for name, value in upstream.items():
         lower = name.lower()
         if lower in DROP_RESPONSE or lower.startswith(POOL_HEADER_PREFIXES):
             continue

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from app import errors
 from app.state import Services
 from pool import accounts as account_repo
@@ -27,7 +25,15 @@ from pool.accounts import LiveAccount
 from pool.errors import NoAccount, NoCapacity
 from pool.headroom import parse_ratelimit_headers, parse_retry_after
 from pool.scheduler import Candidate, Lease
-from pool.upstream import QUARANTINE_REASON, Verdict, classify, parse_error, upstream_headers
+from pool.upstream import (
+    QUARANTINE_REASON,
+    TRANSPORT_ERRORS,
+    UpstreamResponse,
+    Verdict,
+    classify,
+    parse_error,
+    upstream_headers,
+)
 
 log = logging.getLogger("poolrelay.relay")
 
@@ -36,7 +42,7 @@ log = logging.getLogger("poolrelay.relay")
 class Opened:
     """An upstream response whose status line is in hand (the body is not read yet)."""
 
-    response: httpx.Response
+    response: UpstreamResponse
     account: LiveAccount
     lease: Lease
     attempts: int
@@ -46,7 +52,7 @@ class Opened:
     failures: list[str] = field(default_factory=list)
 
 
-def _reset_until(headers: httpx.Headers, now: float) -> float | None:
+def _reset_until(headers: Mapping[str, str], now: float) -> float | None:
     resets = [
         f.reset for f in parse_ratelimit_headers(headers).values() if f.reset and f.remaining <= 0
     ]
@@ -120,21 +126,15 @@ async def open_upstream(
             await on_attempt(account)
         url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
         timeout_left = max(1.0, deadline - time.monotonic())
-        request = services.http.build_request(
-            method,
-            url,
-            headers=upstream_headers(headers, account.credential.reveal()),
-            content=content,
-            timeout=httpx.Timeout(
-                connect=min(settings.upstream_connect_timeout, timeout_left),
-                read=settings.upstream_read_timeout,
-                write=60.0,
-                pool=min(settings.upstream_connect_timeout, timeout_left),
-            ),
-        )
         try:
-            response = await services.http.send(request, stream=True)
-        except (TimeoutError, httpx.TransportError, OSError) as exc:
+            response = await services.upstream.send(
+                method,
+                url,
+                headers=upstream_headers(headers, account.credential.reveal()),
+                content=content,
+                connect_timeout=min(settings.upstream_connect_timeout, timeout_left),
+            )
+        except TRANSPORT_ERRORS as exc:
             await services.scheduler.release(lease)
             reason = f"{type(exc).__name__}: connection to upstream failed"
             failures.append(reason)

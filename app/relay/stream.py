@@ -17,10 +17,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import httpx
 import orjson
 
 from app.relay.sse import StreamMeter
+from pool.upstream import TRANSPORT_ERRORS, UpstreamResponse
 
 log = logging.getLogger("poolrelay.relay")
 
@@ -57,7 +57,7 @@ class StreamEnd:
 class RelayStream:
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: UpstreamResponse,
         headers: list[tuple[str, str]],
         on_finish: Callable[[StreamMeter, StreamEnd], Awaitable[None]],
         on_started: Callable[[StreamMeter], Awaitable[None]] | None = None,
@@ -126,7 +126,7 @@ class RelayStream:
                 if not announced and meter.started and self.on_started is not None:
                     announced = True
                     await self.on_started(meter)
-        except (TimeoutError, httpx.HTTPError, OSError) as exc:
+        except TRANSPORT_ERRORS as exc:
             self.end.status = "upstream_error"
             self.end.error = f"{type(exc).__name__}: the upstream stream broke"
             if meter.error is None:
