@@ -93,6 +93,12 @@ def is_customer_path(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/", "/api/hello")
 
 
+HOT_ROUTES: dict[str, Callable[[CustomerApi, Request], Awaitable[Any]]] = {
+    "/v1/messages": CustomerApi.messages,
+    "/v1/chat/completions": CustomerApi.chat_completions,
+}
+
+
 class PoolrelayApp(FastAPI):
     """FastAPI for the admin API, docs and health; the customer API (the hot path) is a plain
     Starlette router reached without FastAPI's middleware and dependency machinery."""
@@ -106,8 +112,21 @@ class PoolrelayApp(FastAPI):
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
-            if is_customer_path(scope["path"]):
+            path = scope["path"]
+            if is_customer_path(path):
                 scope["app"] = self
+                if scope["method"] == "POST" and path in HOT_ROUTES:
+                    # The relay endpoints, without routing or Starlette's per-request wrappers.
+                    api: CustomerApi = self.state.customer_api
+                    try:
+                        response = await HOT_ROUTES[path](api, Request(scope, receive))
+                    except Exception:
+                        log.exception("unexpected error on POST %s", path)
+                        response = errors.anthropic_response(
+                            ApiError(500, "api_error", "Internal server error")
+                        )
+                    await response(scope, receive, send)
+                    return
                 try:
                     await self.customer_router(scope, receive, send)
                 except StarletteHTTPException as exc:  # 405 and friends, before any byte went out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -92,6 +93,28 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+
+    def request_done(
+        self, route: str, model: str, status: str, duration: float, ttfb: float | None
+    ) -> None:
+        """One finished request (labelled children cached: ``labels()`` is not free)."""
+        key = (route, model, status)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) > 10_000:
+                self._children.clear()
+            children = self._children[key] = (
+                self.requests.labels(route, model, status),
+                self.duration.labels(route),
+                self.ttfb.labels(route),
+            )
+        counter, durations, ttfbs = children
+        counter.inc()
+        durations.observe(duration)
+        if ttfb is not None:
+            ttfbs.observe(ttfb)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -141,7 +141,7 @@ class Hold(SQLModel, table=True):
     __tablename__ = "holds"
 
     request_id: str = Field(primary_key=True, max_length=40)
-    customer_id: str = Field(foreign_key="customers.id", index=True, max_length=40)
+    customer_id: str = Field(foreign_key="customers.id", max_length=40)
     key_id: str = Field(max_length=40)
     amount_micros: int = Field(sa_type=sa.BigInteger)
     instance_id: str = Field(max_length=64)
@@ -202,7 +202,6 @@ class RequestRecord(SQLModel, table=True):
     __tablename__ = "request_log"
     __table_args__ = (
         sa.Index("ix_request_log_customer_started", "customer_id", "started_at"),
-        sa.Index("ix_request_log_status", "status"),
     )
 
     id: str = Field(primary_key=True, max_length=40)

@@ -346,10 +346,13 @@ class Relay:
         metrics = self.services.metrics
         route = billed.endpoint
         model = outcome.model or billed.requested_model
-        metrics.requests.labels(route, model, outcome.status).inc()
-        metrics.duration.labels(route).observe((outcome.duration_ms or 0) / 1000)
-        if outcome.ttfb_ms is not None:
-            metrics.ttfb.labels(route).observe(outcome.ttfb_ms / 1000)
+        metrics.request_done(
+            route,
+            model,
+            outcome.status,
+            (outcome.duration_ms or 0) / 1000,
+            outcome.ttfb_ms / 1000 if outcome.ttfb_ms is not None else None,
+        )
         if cost:
             metrics.charged.inc(cost)
         u = usage or Usage()
