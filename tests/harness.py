@@ -18,6 +18,22 @@ from app.settings import Settings
 
 T = TypeVar("T")
 ADMIN_TOKEN = "test-admin-token"
+# Contract §5: the fields of an account in the admin API (and `accounts list --json`).
+ACCOUNT_FIELDS = frozenset(
+    {
+        "id",
+        "name",
+        "group",
+        "base_url",
+        "status",
+        "quarantine_reason",
+        "quarantined_until",
+        "in_flight",
+        "headroom",
+        "last_error",
+        "fingerprint",
+    }
+)
 
 
 def _free_socket() -> socket.socket:

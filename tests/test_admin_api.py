@@ -20,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import ACCOUNT_FIELDS, FakeUpstream, RelayServer
 
 MODEL = "claude-haiku-4-5"
 CUSTOMER_FIELDS = {
@@ -56,19 +56,6 @@ PRICE_FIELDS = {
     "cache_write_5m_usd_per_mtok",
     "cache_write_1h_usd_per_mtok",
     "cache_read_usd_per_mtok",
-}
-ACCOUNT_FIELDS = {
-    "id",
-    "name",
-    "group",
-    "base_url",
-    "status",
-    "quarantine_reason",
-    "quarantined_until",
-    "in_flight",
-    "headroom",
-    "last_error",
-    "fingerprint",
 }
 TOTALS_FIELDS = {
     "requests",

@@ -29,22 +29,9 @@ from app.cli import main
 from app.db import sync_url
 from pool.crypto import CredentialCipher
 from pool.errors import CredentialError
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import ACCOUNT_FIELDS, FakeUpstream, RelayServer
 
 MODEL = "claude-haiku-4-5"
-LIST_FIELDS = {
-    "id",
-    "name",
-    "group",
-    "base_url",
-    "status",
-    "quarantine_reason",
-    "quarantined_until",
-    "in_flight",
-    "headroom",
-    "last_error",
-    "fingerprint",
-}
 
 
 def upstream_key() -> str:
@@ -335,7 +322,7 @@ def test_accounts_commands(cli: Cli, database_url: str, fake: FakeUpstream) -> N
     assert "alpha" in out and "sk-ant-…" + first[-4:] in out
     views = cli.accounts()
     alpha = views["alpha"]
-    assert set(alpha) >= LIST_FIELDS
+    assert set(alpha) >= ACCOUNT_FIELDS
     assert alpha["status"] == "active" and alpha["group"] == "ws-1"
     assert alpha["base_url"] == fake.url  # the trailing slash is dropped
     assert alpha["fingerprint"] == "sk-ant-…" + first[-4:]

@@ -18,26 +18,13 @@ import httpx
 import pytest
 
 from tests import harness
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import ACCOUNT_FIELDS, FakeUpstream, RelayServer
 from workers.tasks import probe_accounts
 
 MODEL = "claude-haiku-4-5"
 KEY_A = "sk-ant-api03-pool-aaaa-000000000001"
 KEY_B = "sk-ant-api03-pool-bbbb-000000000002"
 KEY_C = "sk-ant-api03-pool-cccc-000000000003"
-ACCOUNT_FIELDS = {
-    "id",
-    "name",
-    "group",
-    "base_url",
-    "status",
-    "quarantine_reason",
-    "quarantined_until",
-    "in_flight",
-    "headroom",
-    "last_error",
-    "fingerprint",
-}
 
 
 # --- helpers ----------------------------------------------------------------------------------

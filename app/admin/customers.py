@@ -152,22 +152,41 @@ async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
     return key_view(await customer_svc.revoke_key(session, key_id))
 
 
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+
+
+async def _move_money(
+    session: SessionDep,
+    customer_id: str,
+    kind: str,
+    body: MoneyMove,
+    key: str | None,
+    response: Response,
+) -> dict[str, Any]:
+    """A top-up or an adjustment: one ledger entry, at most once per ``Idempotency-Key``."""
+    await customer_svc.get_customer(session, customer_id)
+    if kind == "adjustment" and (not body.memo or not body.memo.strip()):
+        raise InvalidField("memo", "an adjustment needs a memo saying why")
+    amount = parse_usd(
+        _decimal_text(body.amount_usd), field="amount_usd", allow_negative=kind == "adjustment"
+    )
+    entry, created = await ledger.credit(
+        session, customer_id, kind, amount, memo=body.memo, idempotency_key=key
+    )
+    if not created:
+        response.headers["idempotent-replayed"] = "true"
+    return entry_view(entry)
+
+
 @router.post("/admin/customers/{customer_id}/topups", status_code=201)
 async def topup(
     customer_id: str,
     body: MoneyMove,
     session: SessionDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    await customer_svc.get_customer(session, customer_id)
-    amount = parse_usd(_decimal_text(body.amount_usd), field="amount_usd")
-    entry, created = await ledger.credit(
-        session, customer_id, "topup", amount, memo=body.memo, idempotency_key=idempotency_key
-    )
-    if not created:
-        response.headers["idempotent-replayed"] = "true"
-    return entry_view(entry)
+    return await _move_money(session, customer_id, "topup", body, idempotency_key, response)
 
 
 @router.post("/admin/customers/{customer_id}/adjustments", status_code=201)
@@ -176,18 +195,9 @@ async def adjustment(
     body: MoneyMove,
     session: SessionDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    await customer_svc.get_customer(session, customer_id)
-    if not body.memo or not body.memo.strip():
-        raise InvalidField("memo", "an adjustment needs a memo saying why")
-    amount = parse_usd(_decimal_text(body.amount_usd), field="amount_usd", allow_negative=True)
-    entry, created = await ledger.credit(
-        session, customer_id, "adjustment", amount, memo=body.memo, idempotency_key=idempotency_key
-    )
-    if not created:
-        response.headers["idempotent-replayed"] = "true"
-    return entry_view(entry)
+    return await _move_money(session, customer_id, "adjustment", body, idempotency_key, response)
 
 
 @router.get("/admin/customers/{customer_id}/ledger")
