@@ -6,6 +6,7 @@ both backends. Money is compared as exact decimal strings / integer micro-USD, n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import threading
@@ -1391,10 +1392,9 @@ def test_garbage_never_produces_a_500(
             method, path, raw, headers = call
             if path.startswith("/admin/"):
                 headers = {**admin_auth, **headers}
-            try:
+            # A kept-alive connection the server had closed: try once more on a fresh one.
+            with contextlib.suppress(httpx.TransportError):
                 return client.request(method, path, content=raw, headers=headers)
-            except httpx.TransportError:
-                pass  # a kept-alive connection the server had closed: try a fresh one
             try:
                 return httpx.request(method, f"{relay.url}{path}", content=raw, headers=headers)
             except httpx.TransportError as exc:  # the server dropped the connection
