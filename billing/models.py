@@ -200,9 +200,7 @@ class RequestRecord(SQLModel, table=True):
     """The per-request log; a settled row is the request's usage record."""
 
     __tablename__ = "request_log"
-    __table_args__ = (
-        sa.Index("ix_request_log_customer_started", "customer_id", "started_at"),
-    )
+    __table_args__ = (sa.Index("ix_request_log_customer_started", "customer_id", "started_at"),)
 
     id: str = Field(primary_key=True, max_length=40)
     customer_id: str = Field(max_length=40)
