@@ -74,3 +74,24 @@ def test_one_json_event_per_request_without_secrets(
     assert event["status"] == "ok" and event["cost_micros"] > 0
     assert isinstance(event["duration_ms"], int) and isinstance(event["ttfb_ms"], int)
     assert key not in line and UPSTREAM_KEY not in line and "secret text" not in line
+
+
+def test_failover_and_quarantine_metrics(relay: RelayServer, fake: FakeUpstream) -> None:
+    bad, good = "sk-ant-api03-observe-bad-0001", "sk-ant-api03-observe-good-001"
+    relay.add_account("bad", bad, fake.url, weight=5)
+    relay.add_account("good", good, fake.url)
+    fake.fault(bad, "unauthorized")
+    _customer, key = relay.create_customer()
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert (
+        httpx.post(f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body).status_code
+        == 200
+    )
+    text = httpx.get(f"{relay.url}/metrics").text
+    assert 'poolrelay_failovers_total{reason="credential_invalid"} 1.0' in text
+    assert 'poolrelay_quarantines_total{reason="credential_invalid"} 1.0' in text
+    assert "poolrelay_upstream_latency_seconds_count 2.0" in text

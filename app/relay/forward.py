@@ -64,6 +64,7 @@ async def _note_quarantine(
 ) -> None:
     """Redis first (every process sees it at once), then a durable copy for the operator."""
     await services.scheduler.quarantine(account_id, reason, until, error)
+    services.metrics.quarantines.labels(reason).inc()
     try:
         async with services.db.transaction() as session:
             await account_repo.record_quarantine(
@@ -126,6 +127,7 @@ async def open_upstream(
             await on_attempt(account)
         url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
         timeout_left = max(1.0, deadline - time.monotonic())
+        sent = time.monotonic()
         try:
             response = await services.upstream.send(
                 method,
@@ -138,13 +140,16 @@ async def open_upstream(
             await services.scheduler.release(lease)
             reason = f"{type(exc).__name__}: connection to upstream failed"
             failures.append(reason)
+            services.metrics.failovers.labels("connection").inc()
             await _on_failure(services, account.id, reason)
             exclude.add(account.id)
             last_verdict = Verdict.SERVER_ERROR
             if time.monotonic() >= deadline:
                 break
             continue
-        ttfb_ms = int((time.monotonic() - started) * 1000)
+        arrived = time.monotonic()
+        services.metrics.upstream_latency.observe(arrived - sent)
+        ttfb_ms = int((arrived - started) * 1000)
         now = time.time()
         if response.status_code < 400:
             # Headroom from a success is stored when the request ends (Scheduler.finish: one
@@ -162,6 +167,7 @@ async def open_upstream(
         info = parse_error(body)
         detail = f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
         failures.append(detail)
+        services.metrics.failovers.labels(verdict.value).inc()
         last_verdict = verdict
         exclude.add(account.id)
         if verdict is Verdict.RATE_LIMITED:
@@ -187,6 +193,7 @@ async def open_upstream(
 async def _on_failure(services: Services, account_id: str, reason: str) -> None:
     tripped = await services.scheduler.record_failure(account_id, reason)
     if tripped:
+        services.metrics.quarantines.labels("upstream_errors").inc()
         try:
             async with services.db.transaction() as session:
                 await account_repo.record_quarantine(
