@@ -55,6 +55,8 @@ Control API (not Anthropic's; no auth; JSON in and out)
   - ``unauthorized``: 401 ``authentication_error`` "invalid x-api-key".
   - ``forbidden``: 403 ``permission_error``.
   - ``no_credit``: 400 ``invalid_request_error`` "Your credit balance is too low ...".
+  - ``error``: any status with ``"status"``, ``"error_type"`` and ``"message"`` from the
+    control request (e.g. a 404 ``not_found_error``), Anthropic-shaped.
   - ``server_error``: 500 ``api_error``. ``overloaded``: 529 ``overloaded_error``.
   - ``slow``: waits ``delay`` (default 1 s) before the response headers, and between SSE deltas.
   - ``slow_stream``: headers at once, then ``delay`` (default 1 s) between SSE events (a JSON
@@ -159,6 +161,7 @@ FAULT_KINDS: Final = frozenset(
         "mid_stream_error",
         "hang",
         "disconnect",
+        "error",
     }
 )
 # kind -> (status, error type, message)
@@ -642,9 +645,15 @@ class Fault:
     delay: float | None = None
     after_events: int = 4
     all_paths: bool = False
+    status: int = 500
+    error_type: str = "api_error"
+    message: str = "Scripted error"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "status": self.status,
+            "error_type": self.error_type,
+            "message": self.message,
             "fault": self.kind,
             "times": self.times,
             "retry_after": self.retry_after,
@@ -1190,6 +1199,8 @@ class _Handlers:
         """Apply a fault that ends the request; None when the request goes on."""
         kind = fault.kind
         spec = _ERROR_FAULTS.get(kind)
+        if kind == "error":
+            spec = (fault.status, fault.error_type, fault.message)
         if spec is not None:
             status, error_type, message = spec
             extra: list[tuple[bytes, bytes]] = []
@@ -1500,6 +1511,13 @@ class _Handlers:
             return _bad_control(str(exc))
         if times is not None and times < 1:
             return _bad_control("times must be at least 1 (or null)")
+        status = data.get("status", 500)
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            return _bad_control("status must be an integer from 400 to 599")
+        error_type = data.get("error_type", "api_error")
+        message = data.get("message", "Scripted error")
+        if not isinstance(error_type, str) or not isinstance(message, str):
+            return _bad_control("error_type and message must be strings")
         self.state.faults[key] = Fault(
             kind=str(kind),
             times=None if times is None else int(times),
@@ -1507,6 +1525,9 @@ class _Handlers:
             delay=None if delay is None else float(delay),
             after_events=4 if after_events is None else int(after_events),
             all_paths=paths == "all",
+            status=status,
+            error_type=error_type,
+            message=message,
         )
         return _ok({"ok": True})
 

@@ -180,7 +180,6 @@ def test_requests_rejected_on_their_merits_go_back_as_they_are(
     customer_id, key = relay.create_customer(balance_usd="5")
     with sdk(relay, key) as client:
         # The relay's own checks pass (messages is a list); the upstream refuses the body.
-        # (The fake upstream answers no 404 on /v1/messages, so 400s stand for "any other 4xx".)
         for messages, needle, stream in (
             ([], "at least one message", False),
             ([], "at least one message", True),
@@ -197,6 +196,21 @@ def test_requests_rejected_on_their_merits_go_back_as_they_are(
             assert needle in body["error"]["message"]
             assert error.response.headers["request-id"].startswith("req_")
             assert fake.stats()["total"] == before + 1, "a customer error was failed over"
+        # Any other 4xx, e.g. a 404 for a model this upstream does not know, is the request's.
+        for credential in (KEY_A, KEY_B):
+            fake.fault(
+                credential, "error", status=404, error_type="not_found_error", message="model: x"
+            )
+        before = fake.stats()["total"]
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            client.messages.create(
+                model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "x"}]
+            )
+        assert missing.value.response.json()["error"] == {
+            "type": "not_found_error",
+            "message": "model: x",
+        }
+        assert fake.stats()["total"] == before + 1, "a customer error was failed over"
     view = accounts(relay)
     assert {v["status"] for v in view.values()} == {"active"}
     assert {v["quarantine_reason"] for v in view.values()} == {None}
