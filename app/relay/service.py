@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -42,7 +43,7 @@ from billing import budgets, holds
 from billing.budgets import Budget, Reservation
 from billing.customers import KeyContext, touch_key
 from billing.errors import BillingError, BudgetExceeded, NoPrice
-from billing.estimate import estimate_input_tokens_upper, hold_micros
+from billing.estimate import estimate_input_tokens_upper, worst_case_usage
 from billing.holds import HoldRequest, Outcome
 from billing.ids import new_id
 from billing.money import format_usd
@@ -128,6 +129,14 @@ class Billed:
     headers: dict[str, str] = field(default_factory=dict)
     """Relay notes for the customer: routing, budget warnings, the key's rate-limit state."""
     endpoint: str = "messages"
+    expected_tokens: int = 0
+    """The worst case in tokens (input bound + max_tokens), for the scheduler's headroom."""
+
+
+def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
+    """(hold in micro-USD, expected tokens) from one scan of the body."""
+    worst = worst_case_usage(body, price)
+    return cost_micros(worst, price, multiplier), worst.total_input() + worst.output_tokens
 
 
 def _usage_tokens(usage: Usage) -> int:
@@ -213,7 +222,7 @@ class Relay:
         model = str(body["model"])
         check_model_allowed(key, model)
         price = await self.price_for(model)
-        amount = hold_micros(body, price, key.price_multiplier)
+        amount, expected = worst_case(body, price, key.price_multiplier)
         policy = key.policy
         budget = Budget(policy.daily_budget_micros, policy.monthly_budget_micros)
         reservation: Reservation | None = None
@@ -237,7 +246,7 @@ class Relay:
                     edited = True
                     check_model_allowed(key, model)
                     price = await self.price_for(model)
-                    amount = hold_micros(body, price, key.price_multiplier)
+                    amount, expected = worst_case(body, price, key.price_multiplier)
                     notes["x-poolrelay-route"] = "budget_downgrade"
                     notes["x-poolrelay-model"] = model
                     notes["x-poolrelay-budget-downgrade"] = message
@@ -274,9 +283,10 @@ class Relay:
                 async with db.transaction() as session:
                     await budgets.settle(session, key.key_id, reservation, 0)
             raise
-        return Billed(
-            request_id, key, price, amount, started, stream, model, notes, endpoint
-        ), edited
+        billed = Billed(
+            request_id, key, price, amount, started, stream, model, notes, endpoint, expected
+        )
+        return billed, edited
 
     def touch(self, key: KeyContext) -> None:
         """Keep ``last_used_at`` roughly current: at most one write per key per minute."""
@@ -438,7 +448,7 @@ class Relay:
                 headers=request.headers.items(),
                 content=raw,
                 model=billed.requested_model,
-                expected_tokens=estimate_input_tokens_upper(body) + int(body.get("max_tokens", 0)),
+                expected_tokens=billed.expected_tokens,
                 affinity=affinity_key(
                     customer_id=billed.key.customer_id, headers=request.headers, body=body
                 ),
