@@ -6,12 +6,14 @@ stored, with a short prefix for display; the key itself is shown once, when it i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -125,6 +127,21 @@ class KeyPolicy:
     route_small_to: str | None = None
     route_small_max_input_tokens: int | None = None
 
+    @classmethod
+    def of(cls, key: CustomerKey) -> KeyPolicy:
+        """The policy stored on a key row (its columns carry the same names)."""
+        values = {f.name: getattr(key, f.name) for f in dataclasses.fields(cls)}
+        if values["allowed_models"] is not None:
+            values["allowed_models"] = tuple(values["allowed_models"])
+        return cls(**values)
+
+    def columns(self) -> dict[str, Any]:
+        """The key-row columns for this policy."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if values["allowed_models"] is not None:
+            values["allowed_models"] = list(values["allowed_models"])
+        return values
+
 
 async def create_key(
     session: AsyncSession,
@@ -157,16 +174,7 @@ async def create_key(
         name=_name(name) if name is not None else "default",
         prefix=plaintext[: len(KEY_PREFIX) + 6],
         key_hash=hash_key(plaintext),
-        rpm=policy.rpm,
-        tpm=policy.tpm,
-        daily_budget_micros=policy.daily_budget_micros,
-        monthly_budget_micros=policy.monthly_budget_micros,
-        budget_action=policy.budget_action,
-        downgrade_model=policy.downgrade_model,
-        allowed_models=list(policy.allowed_models) if policy.allowed_models is not None else None,
-        expires_at=policy.expires_at,
-        route_small_to=policy.route_small_to,
-        route_small_max_input_tokens=policy.route_small_max_input_tokens,
+        **policy.columns(),
     )
     session.add(row)
     await session.flush()
@@ -226,18 +234,7 @@ async def lookup_key(session: AsyncSession, plaintext: str) -> KeyContext | None
         customer_status=customer_status,
         expires_at=key.expires_at,
         price_multiplier=Decimal(multiplier),
-        policy=KeyPolicy(
-            rpm=key.rpm,
-            tpm=key.tpm,
-            daily_budget_micros=key.daily_budget_micros,
-            monthly_budget_micros=key.monthly_budget_micros,
-            budget_action=key.budget_action,
-            downgrade_model=key.downgrade_model,
-            allowed_models=tuple(key.allowed_models) if key.allowed_models is not None else None,
-            expires_at=key.expires_at,
-            route_small_to=key.route_small_to,
-            route_small_max_input_tokens=key.route_small_max_input_tokens,
-        ),
+        policy=KeyPolicy.of(key),
     )
 
 
