@@ -1140,6 +1140,17 @@ def _bad_control(message: str) -> Response:
     return _ok({"ok": False, "error": message}, 400)
 
 
+async def _control_body(request: Request) -> dict[str, Any] | Response:
+    """A control request's JSON object, or the 400 that refuses it."""
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        return _bad_control("body must be JSON")
+    if not isinstance(data, dict):
+        return _bad_control("body must be a JSON object")
+    return data
+
+
 def _number(value: Any, name: str, *, integer: bool = False) -> float | int | None:
     if value is None:
         return None
@@ -1487,12 +1498,9 @@ class _Handlers:
     # -- control API ----------------------------------------------------------------------------
 
     async def set_fault(self, request: Request) -> Response:
-        try:
-            data = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            return _bad_control("body must be JSON")
-        if not isinstance(data, dict):
-            return _bad_control("body must be a JSON object")
+        data = await _control_body(request)
+        if isinstance(data, Response):
+            return data
         key = data.get("key")
         kind = data.get("fault")
         if not isinstance(key, str) or not key:
@@ -1543,12 +1551,9 @@ class _Handlers:
         return _ok({"ok": True})
 
     async def set_limits(self, request: Request) -> Response:
-        try:
-            data = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            return _bad_control("body must be JSON")
-        if not isinstance(data, dict):
-            return _bad_control("body must be a JSON object")
+        data = await _control_body(request)
+        if isinstance(data, Response):
+            return data
         key = data.get("key")
         if not isinstance(key, str) or not key:
             return _bad_control("key must be a credential or '*'")
