@@ -190,6 +190,15 @@ async def open_upstream(
     raise errors.overloaded("No upstream account could serve this request; retry later.")
 
 
+async def read_and_release(services: Services, opened: Opened) -> bytes:
+    """The whole body of a small (non-billed) answer; the connection and the lease go back."""
+    try:
+        return opened.body if opened.body is not None else await opened.response.aread()
+    finally:
+        await opened.response.aclose()
+        await services.scheduler.release(opened.lease)
+
+
 async def _on_failure(services: Services, account_id: str, reason: str) -> None:
     tripped = await services.scheduler.record_failure(account_id, reason)
     if tripped:

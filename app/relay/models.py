@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from app.relay.forward import open_upstream
+from app.relay.forward import open_upstream, read_and_release
 from app.relay.service import model_matches
 from app.state import Services
 from billing.customers import KeyContext
@@ -47,11 +47,7 @@ class ModelCatalog:
                 affinity=None,
                 started=time.monotonic(),
             )
-            try:
-                content = opened.body if opened.body is not None else await opened.response.aread()
-            finally:
-                await opened.response.aclose()
-                await self.services.scheduler.release(opened.lease)
+            content = await read_and_release(self.services, opened)
             if opened.response.status_code == 200:
                 data = orjson.loads(content)
                 models = [

@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 from app import errors
 from app.errors import ApiError, to_api_error
 from app.relay.edges import OpenAIEdge, parse_json_object
-from app.relay.forward import open_upstream
+from app.relay.forward import open_upstream, read_and_release
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
 from app.relay.service import Relay, check_model_allowed, read_body
@@ -78,11 +78,7 @@ class CustomerApi:
             )
         except (ApiError, BillingError, PoolError) as exc:
             return errors.anthropic_response(to_api_error(exc), request_id)
-        try:
-            content = opened.body if opened.body is not None else await opened.response.aread()
-        finally:
-            await opened.response.aclose()
-            await self.services.scheduler.release(opened.lease)
+        content = await read_and_release(self.services, opened)
         headers = dict(customer_headers(opened.response.headers))
         headers["x-poolrelay-request-id"] = request_id
         return Response(content, status_code=opened.response.status_code, headers=headers)
