@@ -203,13 +203,6 @@ async def release(session: AsyncSession, request_id: str, outcome: Outcome) -> b
     return await settle(session, request_id, None, 0, outcome)
 
 
-async def open_holds(session: AsyncSession, *, older_than: datetime) -> list[Hold]:
-    result = await session.execute(
-        sa.select(Hold).where(Hold.created_at < older_than).order_by(Hold.created_at)  # type: ignore[arg-type]
-    )
-    return list(result.scalars())
-
-
 async def holds_summary(session: AsyncSession) -> tuple[int, int]:
     """(open holds, micro-USD they hold), across all customers."""
     row = (

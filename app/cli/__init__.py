@@ -56,7 +56,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"poolrelay: error: {exc}", file=sys.stderr)
         return 1
-
-
-def entrypoint() -> NoReturn:
-    sys.exit(main())

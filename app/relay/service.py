@@ -34,7 +34,7 @@ from app import errors
 from app.errors import ApiError, to_api_error
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
-from app.relay.edges import Edge, parse_json_object
+from app.relay.edges import Edge
 from app.relay.forward import Opened, open_upstream
 from app.relay.sse import StreamMeter
 from app.relay.stream import RelayStream, StreamEnd
@@ -57,7 +57,7 @@ log = logging.getLogger("poolrelay.relay")
 PROGRESS_TTL = 86_400
 TOUCH_INTERVAL = 60.0
 
-__all__ = ["Relay", "check_model_allowed", "model_matches", "parse_json_object", "read_body"]
+__all__ = ["Relay", "check_model_allowed", "model_matches", "read_body"]
 
 
 def progress_key(request_id: str) -> str:
