@@ -27,6 +27,7 @@ from app.redis import make_redis
 from app.settings import Settings
 from billing import aliases as alias_repo
 from billing import prices as price_repo
+from billing.holds_pg import PgHolds
 from billing.pricing import PriceBook
 from pool import accounts as account_repo
 from pool.accounts import AccountDirectory
@@ -93,6 +94,8 @@ class Services:
     aliases: Reloading[dict[str, str]]
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
     metrics: Metrics = field(default_factory=Metrics)
+    holds: PgHolds | None = None
+    """Group-committed holds and settlements (PostgreSQL); None on SQLite (session path)."""
     _http: httpx.AsyncClient | None = None
     _upstream: UpstreamClient | None = None
     admin_digest: str = ""
@@ -159,4 +162,5 @@ def build_services(settings: Settings) -> Services:
         keys=KeyAuthenticator(db, cache_seconds=settings.auth_cache_seconds),
         prices=Reloading(load_prices, PriceBook({})),
         aliases=Reloading(load_aliases, {}),
+        holds=PgHolds(db.raw) if db.has_fast_path else None,
     )

@@ -18,7 +18,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from psycopg import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import budgets, ledger
@@ -104,7 +103,7 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
     )
 
 
-def _clip(text: str | None) -> str | None:
+def clip(text: str | None) -> str | None:
     """Error text for the log: bounded, and without NUL (PostgreSQL refuses it in text)."""
     return text.replace("\x00", "")[:1000] if text else None
 
@@ -177,7 +176,7 @@ async def settle(
         "account_id": outcome.account_id,
         "upstream_request_id": outcome.upstream_request_id,
         "attempts": outcome.attempts,
-        "error": _clip(outcome.error),
+        "error": clip(outcome.error),
         "ttfb_ms": outcome.ttfb_ms,
         "duration_ms": outcome.duration_ms,
         "finished_at": utcnow(),
@@ -220,126 +219,3 @@ async def held_sum(session: AsyncSession, customer_id: str) -> int:
         )
     )
     return int(result.scalar_one())
-
-
-# --- PostgreSQL: the same two operations as single statements ---------------------------------
-#
-# Data-modifying CTEs run as ONE statement, atomic on its own in autocommit mode: one round trip
-# per hold and one per settlement, with the same guarantees as the session versions above (the
-# conditional update on the customer row, the hold row deleted by exactly one settler). SQLite has
-# no data-modifying CTEs, so it uses the session versions; the test suite runs both.
-
-PLACE_SQL = """
-WITH c AS (
-  UPDATE customers SET held_micros = held_micros + %(amount)s
-  WHERE id = %(customer_id)s AND status = 'active' AND balance_micros - held_micros >= %(amount)s
-  RETURNING id
-), h AS (
-  INSERT INTO holds (request_id, customer_id, key_id, amount_micros, instance_id, budget_micros,
-    budget_day, budget_month, created_at)
-  SELECT %(request_id)s, c.id, %(key_id)s, %(amount)s, %(instance_id)s, %(budget)s,
-    %(budget_day)s, %(budget_month)s, %(now)s FROM c
-), l AS (
-  INSERT INTO request_log (id, customer_id, key_id, endpoint, requested_model, stream, status,
-    hold_micros, cost_micros, input_tokens, output_tokens, cache_write_5m_tokens,
-    cache_write_1h_tokens, cache_read_tokens, attempts, instance_id, started_at, request_body)
-  SELECT %(request_id)s, c.id, %(key_id)s, %(endpoint)s, %(model)s, %(stream)s, 'in_flight',
-    %(amount)s, 0, 0, 0, 0, 0, 0, 0, %(instance_id)s, %(now)s, %(body)s FROM c
-)
-SELECT count(*) FROM c
-"""
-
-REFUSAL_SQL = (
-    "SELECT status, balance_micros - held_micros FROM customers WHERE id = %(customer_id)s"
-)
-
-SETTLE_SQL = """
-WITH h AS (
-  DELETE FROM holds WHERE request_id = %(request_id)s
-  RETURNING customer_id, amount_micros, key_id, budget_micros, budget_day, budget_month
-), k AS (
-  UPDATE key_spend SET spent_micros = key_spend.spent_micros + %(cost)s,
-    held_micros = key_spend.held_micros - h.budget_micros
-  FROM h WHERE key_spend.key_id = h.key_id AND key_spend.period IN (h.budget_day, h.budget_month)
-), c AS (
-  UPDATE customers
-  SET balance_micros = customers.balance_micros - %(cost)s,
-      held_micros = customers.held_micros - h.amount_micros
-  FROM h WHERE customers.id = h.customer_id
-  RETURNING customers.id, customers.balance_micros
-), l AS (
-  INSERT INTO ledger_entries (customer_id, kind, amount_micros, balance_after_micros, request_id, created_at)
-  SELECT c.id, 'usage', -%(cost)s, c.balance_micros, %(request_id)s, %(now)s FROM c WHERE %(cost)s > 0
-), r AS (
-  UPDATE request_log SET
-    status = %(status)s, http_status = %(http_status)s, cost_micros = %(cost)s,
-    model = COALESCE(%(model)s, model), account_id = %(account_id)s,
-    upstream_request_id = %(upstream_request_id)s, attempts = %(attempts)s, error = %(error)s,
-    ttfb_ms = %(ttfb_ms)s, duration_ms = %(duration_ms)s, finished_at = %(now)s,
-    response_body = COALESCE(%(response_body)s, response_body),
-    input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
-    cache_write_5m_tokens = %(cache_write_5m)s, cache_write_1h_tokens = %(cache_write_1h)s,
-    cache_read_tokens = %(cache_read)s
-  WHERE id = %(request_id)s AND EXISTS (SELECT 1 FROM h)
-)
-SELECT count(*) FROM c
-"""
-
-
-async def place_fast(conn: AsyncConnection[Any], hold: HoldRequest) -> None:
-    params = {
-        "amount": hold.amount_micros,
-        "customer_id": hold.customer_id,
-        "request_id": hold.request_id,
-        "key_id": hold.key_id,
-        "instance_id": hold.instance_id,
-        "now": hold.started_at,
-        "endpoint": hold.endpoint,
-        "model": hold.requested_model,
-        "stream": hold.stream,
-        "body": hold.request_body,
-        "budget": (hold.budget or NO_BUDGET).amount_micros,
-        "budget_day": (hold.budget or NO_BUDGET).day,
-        "budget_month": (hold.budget or NO_BUDGET).month,
-    }
-    row = await (await conn.execute(PLACE_SQL, params)).fetchone()
-    if row is not None and row[0] == 1:
-        return
-    refusal = await (await conn.execute(REFUSAL_SQL, params)).fetchone()
-    if refusal is None:
-        raise CustomerNotFound(hold.customer_id)
-    if refusal[0] != "active":
-        raise CustomerSuspended(hold.customer_id)
-    raise InsufficientBalance(hold.amount_micros, int(refusal[1]))
-
-
-async def settle_fast(
-    conn: AsyncConnection[Any],
-    request_id: str,
-    usage: Usage | None,
-    cost_micros: int,
-    outcome: Outcome,
-) -> bool:
-    u = usage or Usage()
-    params = {
-        "request_id": request_id,
-        "cost": cost_micros,
-        "now": utcnow(),
-        "status": outcome.status,
-        "http_status": outcome.http_status,
-        "model": outcome.model,
-        "account_id": outcome.account_id,
-        "upstream_request_id": outcome.upstream_request_id,
-        "attempts": outcome.attempts,
-        "error": _clip(outcome.error),
-        "ttfb_ms": outcome.ttfb_ms,
-        "duration_ms": outcome.duration_ms,
-        "response_body": outcome.response_body,
-        "input_tokens": u.input_tokens,
-        "output_tokens": u.output_tokens,
-        "cache_write_5m": u.cache_write_5m_tokens,
-        "cache_write_1h": u.cache_write_1h_tokens,
-        "cache_read": u.cache_read_input_tokens,
-    }
-    row = await (await conn.execute(SETTLE_SQL, params)).fetchone()
-    return row is not None and row[0] == 1

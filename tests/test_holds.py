@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+import sqlalchemy as sa
 
 from app.db import Database
 from app.migrate import upgrade
-from billing import customers, holds, ledger, reconcile
+from billing import customers, holds, holds_pg, ledger, reconcile
 from billing.errors import CustomerSuspended, InsufficientBalance
 from billing.holds import HoldRequest, Outcome
+from billing.holds_pg import PgHolds
 from billing.ids import new_id
 from billing.pricing import Usage
 
@@ -44,19 +47,31 @@ async def new_customer(db: Database, balance_micros: int) -> str:
         return customer.id
 
 
-PATHS = ["session", "fast"] if os.environ.get("POOLRELAY_TEST_DATABASE_URL") else ["session"]
+PATHS = (
+    ["session", "fast", "batch"] if os.environ.get("POOLRELAY_TEST_DATABASE_URL") else ["session"]
+)
+_writers: weakref.WeakKeyDictionary[Database, PgHolds] = weakref.WeakKeyDictionary()
 
 
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest) -> str:
-    """The session (multi-statement) path, and on PostgreSQL the single-statement fast path."""
+    """The session (multi-statement) path; on PostgreSQL also the single statements ("fast")
+    and the group-committed batches the relay uses ("batch")."""
     return str(request.param)
 
 
+def writer(db: Database) -> PgHolds:
+    if db not in _writers:
+        _writers[db] = PgHolds(db.raw)
+    return _writers[db]
+
+
 async def place(db: Database, path: str, request: HoldRequest) -> None:
-    if path == "fast":
+    if path == "batch":
+        await writer(db).place(request)
+    elif path == "fast":
         async with db.raw() as conn:
-            await holds.place_fast(conn, request)
+            await holds_pg.place_fast(conn, request)
     else:
         async with db.transaction() as session:
             await holds.place(session, request)
@@ -65,9 +80,11 @@ async def place(db: Database, path: str, request: HoldRequest) -> None:
 async def settle(
     db: Database, path: str, request_id: str, usage: Usage | None, cost: int, outcome: Outcome
 ) -> bool:
+    if path == "batch":
+        return await writer(db).settle(request_id, usage, cost, outcome)
     if path == "fast":
         async with db.raw() as conn:
-            return await holds.settle_fast(conn, request_id, usage, cost, outcome)
+            return await holds_pg.settle_fast(conn, request_id, usage, cost, outcome)
     async with db.transaction() as session:
         return await holds.settle(session, request_id, usage, cost, outcome)
 
@@ -114,17 +131,11 @@ def test_settle_charges_once_and_releases_the_rest(database_url: str, path: str)
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 10_000)
         request = hold_request(customer_id, 4_000)
-        async with db.transaction() as session:
-            await holds.place(session, request)
+        await place(db, path, request)
         usage = Usage(input_tokens=10, output_tokens=20)
         for expected in (True, False):  # the second settlement is a no-op
-            async with db.transaction() as session:
-                assert (
-                    await holds.settle(
-                        session, request.request_id, usage, 1_234, Outcome(status="ok")
-                    )
-                    is expected
-                )
+            settled = await settle(db, path, request.request_id, usage, 1_234, Outcome("ok"))
+            assert settled is expected
         balance, held, total = await balances(db, customer_id)
         assert (balance, held, total) == (10_000 - 1_234, 0, 10_000 - 1_234)
         async with db.transaction() as session:
@@ -142,12 +153,8 @@ def test_cost_above_the_hold_is_charged_in_full(database_url: str, path: str) ->
     async def body(db: Database) -> None:
         customer_id = await new_customer(db, 1_000)
         request = hold_request(customer_id, 1_000)
-        async with db.transaction() as session:
-            await holds.place(session, request)
-        async with db.transaction() as session:
-            await holds.settle(
-                session, request.request_id, Usage(output_tokens=1), 1_500, Outcome(status="ok")
-            )
+        await place(db, path, request)
+        await settle(db, path, request.request_id, Usage(output_tokens=1), 1_500, Outcome("ok"))
         balance, held, total = await balances(db, customer_id)
         assert (balance, held, total) == (-500, 0, -500)
 
@@ -190,5 +197,73 @@ def test_reconciliation_reports_a_balance_that_does_not_match_its_ledger(databas
             found = await reconcile.verify_books(session)
         assert [(d.kind, d.customer_id) for d in found] == [("balance_mismatch", customer_id)]
         assert found[0].detail == {"balance_micros": 9, "ledger_sum_micros": 5_000}
+
+    run(database_url, body)
+
+
+def test_concurrent_settlements_keep_every_book_exact(database_url: str, path: str) -> None:
+    """Many holds and settlements in flight at once, over two customers and budgeted keys: on
+    PostgreSQL's "batch" path they share statements, and every book must read as if they had
+    been made one by one — one debit per charge, a running balance_after, budgets settled."""
+    from billing import budgets
+    from billing.budgets import Budget
+    from billing.models import KeySpend, RequestRecord
+
+    async def body(db: Database) -> None:
+        a = await new_customer(db, 1_000_000)
+        b = await new_customer(db, 1_000_000)
+        requests: list[tuple[HoldRequest, int]] = []
+        for n in range(60):
+            customer, key = (a, "key_a") if n % 3 else (b, f"key_b{n % 2}")
+            async with db.transaction() as session:
+                reservation = await budgets.reserve(session, key, Budget(500_000, None), 5_000)
+            request = hold_request(customer, 5_000)
+            request.key_id, request.budget = key, reservation
+            requests.append((request, 0 if n % 10 == 0 else 100 + n))
+        await asyncio.gather(*(place(db, path, r) for r, _ in requests))
+        outcomes = await asyncio.gather(
+            *(
+                settle(db, path, r.request_id, Usage(output_tokens=cost), cost, Outcome("ok"))
+                for r, cost in requests
+            )
+        )
+        assert all(outcomes)
+        if path == "batch":
+            assert writer(db).settling.batches < len(requests)  # some settlements shared one
+        charged = {r.request_id: cost for r, cost in requests}
+        async with db.transaction() as session:
+            assert await reconcile.verify_books(session) == []
+            for customer in (a, b):
+                entries = await ledger.entries(session, customer, before_id=None, limit=100)
+                running = None
+                for entry in reversed(entries):  # oldest first
+                    if entry.kind == "topup":
+                        running = entry.balance_after_micros
+                        continue
+                    assert running is not None
+                    running += entry.amount_micros
+                    assert entry.balance_after_micros == running
+                    assert entry.amount_micros == -charged[str(entry.request_id)]
+                mine = [c for r, c in requests if r.customer_id == customer]
+                assert sum(e.kind == "usage" for e in entries) == sum(c > 0 for c in mine)
+                assert running == 1_000_000 - sum(mine)
+            spend = {
+                row.key_id: (row.spent_micros, row.held_micros)
+                for row in (await session.execute(sa.select(KeySpend))).scalars()
+                if len(row.period) == 10
+            }
+            for key in ("key_a", "key_b0", "key_b1"):
+                expected = sum(c for r, c in requests if r.key_id == key)
+                assert spend[key] == (expected, 0)
+            logged = {
+                row.id: (row.status, row.cost_micros, row.output_tokens)
+                for row in (await session.execute(sa.select(RequestRecord))).scalars()
+            }
+            assert logged == {rid: ("ok", cost, cost) for rid, cost in charged.items()}
+        assert await balances(db, a) == (
+            1_000_000 - sum(c for r, c in requests if r.customer_id == a),
+            0,
+            1_000_000 - sum(c for r, c in requests if r.customer_id == a),
+        )
 
     run(database_url, body)

@@ -272,9 +272,8 @@ class Relay:
             budget=reservation,
         )
         try:
-            if db.has_fast_path:
-                async with db.raw() as conn:
-                    await holds.place_fast(conn, hold)
+            if self.services.holds is not None:
+                await self.services.holds.place(hold)
             else:
                 async with db.transaction() as session:
                     await holds.place(session, hold)
@@ -324,9 +323,8 @@ class Relay:
         db = self.services.db
         for attempt in range(3):
             try:
-                if db.has_fast_path:
-                    async with db.raw() as conn:
-                        await holds.settle_fast(conn, billed.request_id, usage, cost, outcome)
+                if self.services.holds is not None:
+                    await self.services.holds.settle(billed.request_id, usage, cost, outcome)
                 else:
                     async with db.transaction() as session:
                         await holds.settle(session, billed.request_id, usage, cost, outcome)

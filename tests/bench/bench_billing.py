@@ -18,7 +18,7 @@ import time
 
 from app.db import Database
 from app.migrate import upgrade
-from billing import customers, holds, ledger
+from billing import customers, holds, holds_pg, ledger
 from billing.holds import HoldRequest, Outcome
 from billing.ids import new_id
 from billing.pricing import Usage
@@ -38,9 +38,9 @@ async def one_request(db: Database, customer_id: str, latencies: list[float], fa
     usage = Usage(input_tokens=100, output_tokens=50)
     if fast:
         async with db.raw() as conn:
-            await holds.place_fast(conn, hold)
+            await holds_pg.place_fast(conn, hold)
         async with db.raw() as conn:
-            await holds.settle_fast(conn, request_id, usage, 350, Outcome(status="ok"))
+            await holds_pg.settle_fast(conn, request_id, usage, 350, Outcome(status="ok"))
     else:
         async with db.transaction() as session:
             await holds.place(session, hold)
