@@ -27,13 +27,14 @@ from app.redis import make_redis
 from app.settings import Settings
 from billing import aliases as alias_repo
 from billing import prices as price_repo
+from billing.group_commit import GroupCommit
 from billing.holds_pg import PgHolds
 from billing.pricing import PriceBook
 from pool import accounts as account_repo
 from pool.accounts import AccountDirectory
 from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
-from pool.scheduler import Scheduler
+from pool.scheduler import LeaseEnd, Scheduler
 from pool.upstream import UpstreamClient, make_client
 
 T = TypeVar("T")
@@ -92,6 +93,8 @@ class Services:
     keys: KeyAuthenticator
     prices: Reloading[PriceBook]
     aliases: Reloading[dict[str, str]]
+    lease_ends: GroupCommit[LeaseEnd, None]
+    """Ends of requests (lease release + headroom), many per Redis call (group commit)."""
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
     metrics: Metrics = field(default_factory=Metrics)
     holds: PgHolds | None = None
@@ -147,6 +150,11 @@ def build_services(settings: Settings) -> Services:
             return await alias_repo.load_aliases(session)
 
     scheduler = Scheduler(redis)
+
+    async def end_leases(ends: list[LeaseEnd]) -> list[None]:
+        await scheduler.finish_many(ends)
+        return [None] * len(ends)
+
     return Services(
         settings=settings,
         db=db,
@@ -163,4 +171,5 @@ def build_services(settings: Settings) -> Services:
         prices=Reloading(load_prices, PriceBook({})),
         aliases=Reloading(load_aliases, {}),
         holds=PgHolds(db.raw) if db.has_fast_path else None,
+        lease_ends=GroupCommit(end_leases),
     )

@@ -35,12 +35,17 @@ class GroupCommit(Generic[T, R]):
         self.items = 0
 
     async def submit(self, item: T) -> R:
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` and return the future of its result at once, so the caller can do
+        other work (another round trip) while the batch runs."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, future))
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain())
-        return await future
+        return future
 
     async def _drain(self) -> None:
         try:

@@ -27,6 +27,7 @@ statements.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
@@ -319,6 +320,11 @@ class PgHolds:
 
     async def place(self, hold: HoldRequest) -> None:
         await self.placing.submit(hold)
+
+    def place_nowait(self, hold: HoldRequest) -> asyncio.Future[None]:
+        """Start placing ``hold``; the future says whether it was admitted (or raises the
+        refusal). Nothing may be sent upstream before it has resolved."""
+        return self.placing.submit_nowait(hold)
 
     async def settle(
         self, request_id: str, usage: Usage | None, cost_micros: int, outcome: Outcome

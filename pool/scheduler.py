@@ -52,7 +52,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -456,15 +456,19 @@ return 0
 """
 
 _FINISH = """
-local now, member, hr, success = clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local acct, e = lease_parse(member)
-if not acct then return 0 end
-if hr ~= '' then redis.call('HSET', K_HR, acct, hr) end
-if success == '1' then redis.call('HDEL', K_CB, acct) end
-if redis.call('ZREM', K_LEASES, member) == 1 then
-  refresh(acct, now, -1, -e)
-elseif hr ~= '' then
-  refresh(acct, now)
+local now = clock(ARGV[1])
+for i = 2, #ARGV - 2, 3 do
+  local member, hr, success = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local acct, e = lease_parse(member)
+  if acct then
+    if hr ~= '' then redis.call('HSET', K_HR, acct, hr) end
+    if success == '1' then redis.call('HDEL', K_CB, acct) end
+    if redis.call('ZREM', K_LEASES, member) == 1 then
+      refresh(acct, now, -1, -e)
+    elseif hr ~= '' then
+      refresh(acct, now)
+    end
+  end
 end
 return 1
 """
@@ -572,6 +576,14 @@ for i = 2, #ARGV do
 end
 return out
 """
+
+
+class LeaseEnd(NamedTuple):
+    """One request's end for the finish script: lease member, encoded headroom, success flag."""
+
+    member: str
+    headroom: str
+    success: str
 
 
 def _lua(body: str) -> str:
@@ -759,16 +771,27 @@ class Scheduler:
     ) -> None:
         """End a request in one round trip: release its lease, store the rate-limit families of
         its response (if any), and on ``success`` reset the account's circuit breaker."""
+        await self.finish_many([self.ending(lease, headers=headers, success=success)], now)
+
+    def ending(
+        self, lease: Lease, *, headers: Mapping[str, str] | None = None, success: bool = False
+    ) -> LeaseEnd:
+        """What :meth:`finish_many` needs to end one request (headers parsed here, at once)."""
         families = parse_ratelimit_headers(headers) if headers is not None else {}
-        await self._finish(
-            keys=self._keys,
-            args=[
-                _time(now),
-                self._member(lease),
-                _encode_families(families) if families else "",
-                "1" if success else "0",
-            ],
+        return LeaseEnd(
+            self._member(lease),
+            _encode_families(families) if families else "",
+            "1" if success else "0",
         )
+
+    async def finish_many(self, ends: Sequence[LeaseEnd], now: float | None = None) -> None:
+        """:meth:`finish` for many requests in ONE script call (callers batch their ends)."""
+        if not ends:
+            return
+        args: list[str] = [_time(now)]
+        for end in ends:
+            args.extend(end)
+        await self._finish(keys=self._keys, args=args)
 
     async def renew(self, lease: Lease, now: float | None = None) -> Lease:
         """Extend a long stream's lease by ``lease_ttl`` from now. A lease that had already

@@ -50,7 +50,7 @@ def assert_books_balance(relay: RelayServer, customer_id: str) -> list[dict[str,
 def test_200_concurrent_requests_against_a_balance_that_covers_20(
     relay: RelayServer, fake: FakeUpstream
 ) -> None:
-    relay.add_account("a", UPSTREAM_KEY, fake.url, max_concurrency=1000)
+    account_id = relay.add_account("a", UPSTREAM_KEY, fake.url, max_concurrency=1000)
     request = body(max_tokens=200)
     hold = hold_micros(request, HAIKU, Decimal(1))
     balance = 20 * hold
@@ -94,6 +94,8 @@ def test_200_concurrent_requests_against_a_balance_that_covers_20(
     assert customer["held_usd"] == "0.000000"
     assert micros(customer["available_usd"]) >= 0
     assert min(lowest_available) >= 0
+    # refused requests leased an account while their hold was being placed: all given back
+    assert relay.admin().get(f"/admin/accounts/{account_id}").json()["in_flight"] == 0
 
 
 def test_json_cost_is_the_priced_upstream_usage(relay: RelayServer, fake: FakeUpstream) -> None:

@@ -233,6 +233,30 @@ def test_concurrency_cap_and_lease_expiry(env: Env) -> None:
     env.run(body, lease_ttl=60.0)
 
 
+def test_finish_many_ends_every_lease_in_one_call(env: Env) -> None:
+    async def body(s: Scheduler) -> None:
+        pool = cands("a", "b", cap=10)
+        await seed(s, {"a": 0.9, "b": 0.1})
+        leases = [await s.acquire(pool, expected_tokens=0, now=NOW) for _ in range(4)]
+        assert {lease.account_id for lease in leases} == {"a"}
+        fail = [await s.record_failure("b", "boom", NOW) for _ in range(2)]
+        assert fail == [False, False]
+        b = await s.acquire(cands("b", cap=10), expected_tokens=0, now=NOW)
+        ends = [s.ending(lease) for lease in leases[:3]]
+        ends.append(s.ending(b, headers=headers(0.8), success=True))
+        ends.append(s.ending(leases[0]))  # ended twice in one call: the second does nothing
+        await s.finish_many(ends, NOW)
+        states = await s.states(["a", "b"], NOW)
+        assert (states["a"].in_flight, states["b"].in_flight) == (1, 0)
+        assert states["b"].headroom["requests"].remaining == 800  # b's new headers stored
+        assert not await s.record_failure("b", "boom", NOW)  # success reset b's breaker
+        await s.finish_many([], NOW)
+        await s.finish(leases[3], now=NOW)
+        assert (await s.states(["a"], NOW))["a"].in_flight == 0
+
+    env.run(body)
+
+
 def test_full_accounts_are_skipped(env: Env) -> None:
     async def body(s: Scheduler) -> None:
         await seed(s, {"a": 0.9, "b": 0.3})

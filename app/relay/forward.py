@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -90,8 +90,14 @@ async def open_upstream(
     expected_tokens: int,
     affinity: tuple[str, int] | None,
     started: float,
-    on_attempt: Callable[[LiveAccount], Awaitable[None]] | None = None,
+    gate: Awaitable[None] | None = None,
 ) -> Opened:
+    """Lease an account and send the request to it, failing over before the first byte.
+
+    ``gate`` (the request's hold, still being placed) is awaited after the first lease and
+    before anything is sent, so the two round trips overlap; when it raises, the lease is given
+    back and its error propagates.
+    """
     settings = services.settings
     deadline = started + settings.request_deadline
     exclude: set[str] = set()
@@ -123,8 +129,13 @@ async def open_upstream(
                 raise
             raise errors.overloaded() from None
         account = live[lease.account_id]
-        if on_attempt is not None:
-            await on_attempt(account)
+        if gate is not None:
+            try:
+                await gate
+            except BaseException:
+                await services.scheduler.release(lease)
+                raise
+            gate = None
         url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
         timeout_left = max(1.0, deadline - time.monotonic())
         sent = time.monotonic()

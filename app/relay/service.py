@@ -131,6 +131,10 @@ class Billed:
     endpoint: str = "messages"
     expected_tokens: int = 0
     """The worst case in tokens (input bound + max_tokens), for the scheduler's headroom."""
+    placement: asyncio.Future[None] | None = None
+    """The hold while it is still being placed (PostgreSQL: group commit). Nothing is sent
+    upstream before it resolves; None when the hold was placed before admit returned."""
+    reservation: Reservation | None = None
 
 
 def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
@@ -271,21 +275,48 @@ class Relay:
             else None,
             budget=reservation,
         )
-        try:
-            if self.services.holds is not None:
-                await self.services.holds.place(hold)
-            else:
+        placement: asyncio.Future[None] | None = None
+        if self.services.holds is not None:
+            # Placed while the scheduler leases an account (open_upstream awaits it first).
+            placement = self.services.holds.place_nowait(hold)
+        else:
+            try:
                 async with db.transaction() as session:
                     await holds.place(session, hold)
-        except BaseException:
-            if reservation is not None:
-                async with db.transaction() as session:
-                    await budgets.settle(session, key.key_id, reservation, 0)
-            raise
+            except BaseException:
+                await self._undo_reservation(key, reservation)
+                raise
         billed = Billed(
-            request_id, key, price, amount, started, stream, model, notes, endpoint, expected
+            request_id,
+            key,
+            price,
+            amount,
+            started,
+            stream,
+            model,
+            notes,
+            endpoint,
+            expected,
+            placement,
+            reservation,
         )
         return billed, edited
+
+    async def _undo_reservation(self, key: KeyContext, reservation: Reservation | None) -> None:
+        if reservation is not None:
+            async with self.services.db.transaction() as session:
+                await budgets.settle(session, key.key_id, reservation, 0)
+
+    async def _placement_error(self, billed: Billed) -> Exception | None:
+        """The hold's refusal when it was not placed (after undoing its budget reservation)."""
+        if billed.placement is None:
+            return None
+        try:
+            await billed.placement
+            return None
+        except Exception as exc:
+            await self._undo_reservation(billed.key, billed.reservation)
+            return exc
 
     def touch(self, key: KeyContext) -> None:
         """Keep ``last_used_at`` roughly current: at most one write per key per minute."""
@@ -414,20 +445,26 @@ class Relay:
                 request_id, key, body, raw, endpoint=edge.endpoint, started=started, notes=notes
             )
         except (ApiError, BillingError, PoolError) as exc:
-            err = to_api_error(exc)
-            err.headers = {**notes, **err.headers}
-            self.services.metrics.requests.labels(edge.endpoint, "", f"refused_{err.status}").inc()
-            log_request(
-                request_id=request_id,
-                route=edge.endpoint,
-                status="refused",
-                http_status=err.status,
-                error=err.message,
-            )
-            return edge.render_error(err, request_id)
+            return self._refuse(exc, request_id, edge, notes)
         self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
         return await self.forward_billed(request, billed, body, forward, edge)
+
+    def _refuse(self, exc: Exception, request_id: str, edge: Edge, notes: dict[str, str]) -> Any:
+        """A request turned away before anything was held or sent."""
+        err = to_api_error(exc)
+        if err.status == 500:
+            log.error("request %s refused by an unexpected error", request_id, exc_info=exc)
+        err.headers = {**notes, **err.headers}
+        self.services.metrics.requests.labels(edge.endpoint, "", f"refused_{err.status}").inc()
+        log_request(
+            request_id=request_id,
+            route=edge.endpoint,
+            status="refused",
+            http_status=err.status,
+            error=err.message,
+        )
+        return edge.render_error(err, request_id)
 
     async def messages(self, request: Request) -> Any:
         return await self.handle(request, Edge())
@@ -451,8 +488,12 @@ class Relay:
                     customer_id=billed.key.customer_id, headers=request.headers, body=body
                 ),
                 started=billed.started,
+                gate=billed.placement,
             )
         except Exception as exc:
+            refusal = await self._placement_error(billed)
+            if refusal is not None:  # no hold: the balance (or the customer) said no
+                return self._refuse(refusal, request_id, edge, billed.headers)
             api_error = to_api_error(exc)
             if api_error.status == 500:
                 log.exception("request %s failed before reaching the upstream", request_id)
@@ -517,7 +558,7 @@ class Relay:
             )
         finally:
             await opened.response.aclose()
-        await services.scheduler.finish(opened.lease, headers=opened.response.headers, success=True)
+        ending = self._end_lease(opened, success=True)
         usage: Usage | None = None
         model: str | None = None
         try:
@@ -532,14 +573,30 @@ class Relay:
         try:
             cost = await self.settle(billed, usage, model, outcome)
         except Exception:
+            await self._lease_ended(ending)
             return edge.render_error(
                 errors.ApiError(
                     500, "api_error", "The response could not be billed; it was not charged."
                 ),
                 billed.request_id,
             )
+        await self._lease_ended(ending)
         headers.append(("x-poolrelay-cost-usd", format_usd(cost)))
         return edge.render_json(opened.response.status_code, dict(headers), content)
+
+    def _end_lease(self, opened: Opened, *, success: bool) -> asyncio.Future[None]:
+        """Start ending the request's lease (release + the response's headroom) in a batched
+        Redis call; it runs while the settlement goes to the database."""
+        scheduler = self.services.scheduler
+        end = scheduler.ending(opened.lease, headers=opened.response.headers, success=success)
+        return self.services.lease_ends.submit_nowait(end)
+
+    @staticmethod
+    async def _lease_ended(ending: asyncio.Future[None]) -> None:
+        try:
+            await ending
+        except Exception:  # the lease expires by itself; the money is already settled
+            log.warning("could not end a lease; it will expire", exc_info=True)
 
     async def _record_progress(self, billed: Billed, meter: StreamMeter) -> None:
         """What a stream has used so far, for the reconciliation of a crashed process."""
@@ -556,9 +613,7 @@ class Relay:
         self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd
     ) -> None:
         services = self.services
-        await services.scheduler.finish(
-            opened.lease, headers=opened.response.headers, success=end.status == "ok"
-        )
+        ending = self._end_lease(opened, success=end.status == "ok")
         usage: Usage | None = None
         if meter.started:
             usage = meter.usage
@@ -576,7 +631,10 @@ class Relay:
             error=end.error,
             ttfb_ms=opened.ttfb_ms,
         )
-        await self.settle(billed, usage, meter.model, outcome)
+        try:
+            await self.settle(billed, usage, meter.model, outcome)
+        finally:
+            await self._lease_ended(ending)
         try:
             await services.redis.delete(progress_key(billed.request_id))
         except Exception:
