@@ -116,6 +116,13 @@ class Database:
         async with self._raw_pool.connection() as conn:
             yield conn
 
+    async def connect_raw(self) -> AsyncConnection[Any]:
+        """A new autocommit psycopg connection of its own (PostgreSQL only), for a caller that
+        keeps it (the group-committed holds keep one per batch queue)."""
+        return await AsyncConnection.connect(
+            libpq_url(self.url), autocommit=True, prepare_threshold=0
+        )
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
         """A session inside one transaction: committed on success, rolled back on error."""

@@ -129,6 +129,8 @@ class Services:
             await self._upstream.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+        if self.holds is not None:
+            await self.holds.aclose()
         await self.db.dispose()
 
 
@@ -170,6 +172,6 @@ def build_services(settings: Settings) -> Services:
         keys=KeyAuthenticator(db, cache_seconds=settings.auth_cache_seconds),
         prices=Reloading(load_prices, PriceBook({})),
         aliases=Reloading(load_aliases, {}),
-        holds=PgHolds(db.raw) if db.has_fast_path else None,
+        holds=PgHolds(db.connect_raw) if db.has_fast_path else None,
         lease_ends=GroupCommit(end_leases),
     )

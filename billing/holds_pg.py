@@ -30,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.errors import DeadlockDetected
 
 from billing.errors import CustomerNotFound, CustomerSuspended, InsufficientBalance
@@ -45,7 +45,9 @@ from billing.pricing import Usage
 
 log = logging.getLogger("poolrelay.billing")
 
-Connect = Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection[Any]]]
+Connect = Callable[[], Awaitable[AsyncConnection[Any]]]
+Executor = AsyncConnection[Any] | AsyncCursor[Any]
+"""Where a statement runs: a connection, or a cursor kept open on one (saves making one)."""
 
 
 PLACE_SQL = """
@@ -258,7 +260,7 @@ def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     return {name: [row[name] for row in rows] for name in rows[0]}
 
 
-async def place_fast(conn: AsyncConnection[Any], hold: HoldRequest) -> None:
+async def place_fast(conn: Executor, hold: HoldRequest) -> None:
     """One hold in one statement; raises InsufficientBalance / CustomerSuspended /
     CustomerNotFound like :func:`billing.holds.place`."""
     params = _place_params(hold)
@@ -273,7 +275,7 @@ async def place_fast(conn: AsyncConnection[Any], hold: HoldRequest) -> None:
     raise InsufficientBalance(hold.amount_micros, int(refusal[1]))
 
 
-async def place_many(conn: AsyncConnection[Any], batch: Sequence[HoldRequest]) -> set[str]:
+async def place_many(conn: Executor, batch: Sequence[HoldRequest]) -> set[str]:
     """Place every hold of each customer whose holds in ``batch`` fit together; returns the ids
     of those customers (the others' holds are untouched, for :func:`place_fast`)."""
     params = _columns([_place_params(hold) for hold in batch])
@@ -282,7 +284,7 @@ async def place_many(conn: AsyncConnection[Any], batch: Sequence[HoldRequest]) -
 
 
 async def settle_fast(
-    conn: AsyncConnection[Any],
+    conn: Executor,
     request_id: str,
     usage: Usage | None,
     cost_micros: int,
@@ -295,7 +297,7 @@ async def settle_fast(
     return row is not None and row[0] == 1
 
 
-async def settle_many(conn: AsyncConnection[Any], batch: Sequence[Settlement]) -> set[str]:
+async def settle_many(conn: Executor, batch: Sequence[Settlement]) -> set[str]:
     """Settle every hold of ``batch`` that is still open; returns the request ids settled."""
     params: dict[str, Any] = _columns([_settle_params(item) for item in batch])
     params["now"] = utcnow()
@@ -303,20 +305,53 @@ async def settle_many(conn: AsyncConnection[Any], batch: Sequence[Settlement]) -
     return {str(row[0]) for row in rows}
 
 
+class _Line:
+    """One dedicated autocommit connection and cursor. A :class:`GroupCommit` runs one batch
+    at a time, so each needs exactly one connection: no pool to go through per batch."""
+
+    def __init__(self, connect: Connect) -> None:
+        self._connect = connect
+        self._conn: AsyncConnection[Any] | None = None
+        self._cursor: AsyncCursor[Any] | None = None
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[AsyncCursor[Any]]:
+        if self._conn is None or self._cursor is None or self._conn.closed:
+            self._conn = await self._connect()
+            self._cursor = self._conn.cursor()
+        try:
+            yield self._cursor
+        except BaseException:  # the connection may be broken: the next batch opens a new one
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
 class PgHolds:
     """Holds and settlements for the relay on PostgreSQL, group-committed (module docstring).
 
-    ``connect`` gives an autocommit connection (``Database.raw``).
+    ``connect`` opens an autocommit connection (``Database.connect_raw``); one is kept for
+    placing and one for settling.
     """
 
     def __init__(self, connect: Connect, *, max_batch: int = 256) -> None:
-        self._connect = connect
+        self._placing_line = _Line(connect)
+        self._settling_line = _Line(connect)
         self.placing: GroupCommit[HoldRequest, None] = GroupCommit(
             self._place_batch, max_batch=max_batch
         )
         self.settling: GroupCommit[Settlement, bool] = GroupCommit(
             self._settle_batch, max_batch=max_batch
         )
+
+    async def aclose(self) -> None:
+        await self._placing_line.aclose()
+        await self._settling_line.aclose()
 
     async def place(self, hold: HoldRequest) -> None:
         await self.placing.submit(hold)
@@ -332,11 +367,11 @@ class PgHolds:
         return await self.settling.submit(Settlement(request_id, usage, cost_micros, outcome))
 
     async def _place_batch(self, batch: list[HoldRequest]) -> list[BaseException | None]:
-        async with self._connect() as conn:
+        async with self._placing_line.use() as cur:
             admitted: set[str] = set()
             if len(batch) > 1:
                 try:
-                    admitted = await place_many(conn, batch)
+                    admitted = await place_many(cur, batch)
                 except DeadlockDetected:
                     log.info("hold batch of %d deadlocked; placing one by one", len(batch))
             results: list[BaseException | None] = []
@@ -345,17 +380,17 @@ class PgHolds:
                     results.append(None)
                     continue
                 try:
-                    await place_fast(conn, hold)
+                    await place_fast(cur, hold)
                     results.append(None)
                 except Exception as exc:  # this hold's own refusal or failure, for its caller
                     results.append(exc)
             return results
 
     async def _settle_batch(self, batch: list[Settlement]) -> list[bool | BaseException]:
-        async with self._connect() as conn:
+        async with self._settling_line.use() as cur:
             if len(batch) > 1:
                 try:
-                    settled = await settle_many(conn, batch)
+                    settled = await settle_many(cur, batch)
                     return [item.request_id in settled for item in batch]
                 except DeadlockDetected:
                     log.info("settlement batch of %d deadlocked; settling one by one", len(batch))
@@ -364,7 +399,7 @@ class PgHolds:
                 try:
                     results.append(
                         await settle_fast(
-                            conn, item.request_id, item.usage, item.cost_micros, item.outcome
+                            cur, item.request_id, item.usage, item.cost_micros, item.outcome
                         )
                     )
                 except Exception as exc:

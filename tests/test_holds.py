@@ -32,6 +32,8 @@ def run(database_url: str, body: Callable[[Database], Awaitable[T]]) -> T:
         try:
             return await body(db)
         finally:
+            if db in _writers:
+                await _writers.pop(db).aclose()
             await db.dispose()
 
     return asyncio.run(main())
@@ -62,7 +64,7 @@ def path(request: pytest.FixtureRequest) -> str:
 
 def writer(db: Database) -> PgHolds:
     if db not in _writers:
-        _writers[db] = PgHolds(db.raw)
+        _writers[db] = PgHolds(db.connect_raw)
     return _writers[db]
 
 

@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         http="httptools",
         log_level=settings.log_level.lower(),
         access_log=False,
+        proxy_headers=False,  # the relay never uses the client address
         timeout_graceful_shutdown=30,
     )
     return 0
