@@ -34,7 +34,7 @@ from pool import accounts as account_repo
 from pool.accounts import AccountDirectory
 from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
-from pool.scheduler import LeaseEnd, Scheduler
+from pool.scheduler import AcquireCall, Lease, LeaseEnd, Scheduler
 from pool.upstream import UpstreamClient, make_client
 
 T = TypeVar("T")
@@ -93,6 +93,8 @@ class Services:
     keys: KeyAuthenticator
     prices: Reloading[PriceBook]
     aliases: Reloading[dict[str, str]]
+    lease_starts: GroupCommit[AcquireCall, Lease]
+    """Scheduling decisions of concurrent requests, many per Redis round trip (a pipeline)."""
     lease_ends: GroupCommit[LeaseEnd, None]
     """Ends of requests (lease release + headroom), many per Redis call (group commit)."""
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
@@ -173,5 +175,6 @@ def build_services(settings: Settings) -> Services:
         prices=Reloading(load_prices, PriceBook({})),
         aliases=Reloading(load_aliases, {}),
         holds=PgHolds(db.connect_raw) if db.has_fast_path else None,
+        lease_starts=GroupCommit(scheduler.acquire_many),
         lease_ends=GroupCommit(end_leases),
     )

@@ -578,6 +578,17 @@ return out
 """
 
 
+@dataclass(frozen=True, slots=True)
+class AcquireCall:
+    """One prepared :meth:`Scheduler.acquire`: the script's keys and arguments."""
+
+    keys: list[str]
+    args: list[str | int]
+    lease_id: str
+    candidate_blob: str
+    now: float | None
+
+
 class LeaseEnd(NamedTuple):
     """One request's end for the finish script: lease member, encoded headroom, success flag."""
 
@@ -699,7 +710,7 @@ class Scheduler:
 
     # -- leases ------------------------------------------------------------------------------
 
-    async def acquire(
+    def acquire_call(
         self,
         candidates: Sequence[Candidate],
         *,
@@ -707,15 +718,9 @@ class Scheduler:
         affinity: tuple[str, int] | None = None,
         exclude: Collection[str] = (),
         now: float | None = None,
-    ) -> Lease:
-        """Lease the best account among ``candidates`` for one request.
-
-        The sticky account of ``affinity`` when it may serve and is not nearly exhausted; else
-        the best account of its group; else the account with the most (weighted) headroom.
-        ``exclude`` removes accounts that already failed this request. Raises
-        :class:`NoCapacity` when the candidates are only rate limited or full, and
-        :class:`NoAccount` when none can serve at all.
-        """
+    ) -> AcquireCall:
+        """Everything one :meth:`acquire` sends, ready to run alone or in :meth:`acquire_many`.
+        Raises :class:`NoAccount` when there are no candidates."""
         if not candidates:
             raise NoAccount()
         cset = self._candidate_set(candidates)
@@ -737,17 +742,75 @@ class Scheduler:
             self._candidate_set_ttl,
             *exclude,
         ]
-        reply = await self._acquire(keys=keys, args=args)
+        return AcquireCall(keys, args, lease_id, cset.blob, now)
+
+    async def acquire(
+        self,
+        candidates: Sequence[Candidate],
+        *,
+        expected_tokens: int,
+        affinity: tuple[str, int] | None = None,
+        exclude: Collection[str] = (),
+        now: float | None = None,
+    ) -> Lease:
+        """Lease the best account among ``candidates`` for one request.
+
+        The sticky account of ``affinity`` when it may serve and is not nearly exhausted; else
+        the best account of its group; else the account with the most (weighted) headroom.
+        ``exclude`` removes accounts that already failed this request. Raises
+        :class:`NoCapacity` when the candidates are only rate limited or full, and
+        :class:`NoAccount` when none can serve at all.
+        """
+        call = self.acquire_call(
+            candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude, now=now
+        )
+        return await self.run_acquire(call)
+
+    async def run_acquire(self, call: AcquireCall) -> Lease:
+        """Run one prepared acquire (registering its candidate list first when Redis has
+        forgotten it)."""
+        reply = await self._acquire(keys=call.keys, args=call.args)
         if _str(reply[0]) == "NOSET":
             await self._register(
-                keys=keys[:10], args=[_time(now), cset.blob, self._candidate_set_ttl]
+                keys=call.keys[:10],
+                args=[_time(call.now), call.candidate_blob, self._candidate_set_ttl],
             )
-            reply = await self._acquire(keys=keys, args=args)
+            reply = await self._acquire(keys=call.keys, args=call.args)
+        return self._lease(call, reply)
+
+    async def acquire_many(self, calls: Sequence[AcquireCall]) -> list[Lease | Exception]:
+        """Run many prepared acquires in ONE round trip (a pipeline of the same script; each
+        is its own atomic decision, in order). Each result is a lease, or the
+        :class:`NoCapacity` / :class:`NoAccount` (or error) that call would have raised."""
+        if len(calls) == 1:
+            try:
+                return [await self.run_acquire(calls[0])]
+            except Exception as exc:
+                return [exc]
+        pipe = self._redis.pipeline(transaction=False)
+        sha = self._acquire.sha
+        for call in calls:
+            pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+        replies = await pipe.execute(raise_on_error=False)
+        results: list[Lease | Exception] = []
+        for call, reply in zip(calls, replies, strict=True):
+            try:
+                if isinstance(reply, Exception) or _str(reply[0]) == "NOSET":
+                    # NOSCRIPT (Redis restarted) or a forgotten candidate list: on its own
+                    results.append(await self.run_acquire(call))
+                else:
+                    results.append(self._lease(call, reply))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    @staticmethod
+    def _lease(call: AcquireCall, reply: Any) -> Lease:
         status = _str(reply[0])
         if status == "OK":
             return Lease(
                 account_id=_str(reply[1]),
-                lease_id=lease_id,
+                lease_id=call.lease_id,
                 affinity_hit=int(reply[3]) == 1,
                 expires_at=float(_str(reply[2])),
             )

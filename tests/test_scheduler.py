@@ -233,6 +233,36 @@ def test_concurrency_cap_and_lease_expiry(env: Env) -> None:
     env.run(body, lease_ttl=60.0)
 
 
+def test_acquire_many_decides_in_order_in_one_round_trip(env: Env) -> None:
+    async def body(s: Scheduler) -> None:
+        await seed(s, {"a": 0.9, "b": 0.5})
+        pool = cands("a", "b", cap=2)
+        calls = [s.acquire_call(pool, expected_tokens=0, now=NOW) for _ in range(5)]
+        calls.append(s.acquire_call(cands("c", cap=1), expected_tokens=0, now=NOW))  # new list
+        results = await s.acquire_many(calls)
+        leases = [r for r in results if isinstance(r, Lease)]
+        assert [lease.account_id for lease in leases] == ["a", "a", "b", "b", "c"]
+        assert isinstance(results[4], NoCapacity)  # both accounts full by then
+        assert [lease.lease_id for lease in leases] == [
+            c.lease_id for c, r in zip(calls, results, strict=True) if isinstance(r, Lease)
+        ]
+        states = await s.states(["a", "b", "c"], NOW)
+        assert [states[x].in_flight for x in "abc"] == [2, 2, 1]
+        # Redis forgot the scripts (a restart): each call falls back to loading them
+        await env.client.script_flush()
+        for lease in leases:
+            await s.release(lease, NOW)
+        again = await s.acquire_many(
+            [s.acquire_call(pool, expected_tokens=0, now=NOW) for _ in range(2)]
+        )
+        assert [r.account_id for r in again if isinstance(r, Lease)] == ["a", "a"]
+        assert await s.acquire_many([s.acquire_call(pool, expected_tokens=0, now=NOW)]) != []
+        with pytest.raises(NoAccount):
+            s.acquire_call((), expected_tokens=0)
+
+    env.run(body)
+
+
 def test_finish_many_ends_every_lease_in_one_call(env: Env) -> None:
     async def body(s: Scheduler) -> None:
         pool = cands("a", "b", cap=10)

@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise CliError("--port must be between 1 and 65535")
     _configure_logging(settings)
     try:
-        app = create_app(settings)
+        app = create_app(settings, freeze_gc=True)
     except SettingsError as exc:
         raise CliError(str(exc)) from None
     uvicorn.run(

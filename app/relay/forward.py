@@ -112,9 +112,10 @@ async def open_upstream(
             if model is None or a.allows(model)
         ]
         try:
-            lease = await services.scheduler.acquire(
+            call = services.scheduler.acquire_call(
                 candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude
             )
+            lease = await services.lease_starts.submit(call)
         except NoCapacity as exc:
             # What is left is rate limited or full: 429, as the next request would get from
             # the scheduler, whatever this request's earlier attempts ran into.
