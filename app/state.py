@@ -14,9 +14,8 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-import httpx
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
 
@@ -36,6 +35,9 @@ from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
 from pool.scheduler import AcquireCall, Lease, LeaseEnd, Scheduler
 from pool.upstream import UpstreamClient, make_client
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 

@@ -8,11 +8,13 @@ keeps it quarantined, with the error kept for the operator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from pool.crypto import Secret
 from pool.upstream import Verdict, classify, parse_error
+
+if TYPE_CHECKING:  # httpx is imported when a probe runs: the relay process rarely needs it
+    import httpx
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,8 @@ class ProbeResult:
 async def probe(
     http: httpx.AsyncClient, base_url: str, credential: Secret, *, timeout_seconds: float = 10.0
 ) -> ProbeResult:
+    import httpx
+
     try:
         response = await http.get(
             f"{base_url.rstrip('/')}/v1/models",

@@ -15,10 +15,13 @@ import enum
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import TYPE_CHECKING
 
 import aiohttp
-import httpx
 import orjson
+
+if TYPE_CHECKING:  # httpx only serves probes and CLI checks; imported when they need it
+    import httpx
 
 HOP_BY_HOP = frozenset(
     {
@@ -61,6 +64,8 @@ POOL_HEADER_PREFIXES = ("anthropic-ratelimit-", "anthropic-priority-")
 
 def make_client(*, connect_timeout: float, read_timeout: float) -> httpx.AsyncClient:
     """httpx for the occasional upstream call off the hot path (health probes, ``accounts check``)."""
+    import httpx
+
     timeout = httpx.Timeout(
         connect=connect_timeout, read=read_timeout, write=60.0, pool=connect_timeout
     )
