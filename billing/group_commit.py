@@ -4,7 +4,8 @@
 batches. Nothing waits for a batch to fill: when no batch is in flight, the first item leaves
 at once (a lone request pays no extra latency); while one is in flight, new items queue, and
 when it returns, everything queued leaves together (natural batching, as a database's own group
-commit does with WAL flushes). Each caller's ``submit`` returns only once ``run`` has returned
+commit does with WAL flushes). A caller of :meth:`~GroupCommit.submit` that finds nothing in
+flight runs its batch of one itself, without a task. Each caller's ``submit`` returns only once ``run`` has returned
 for its batch, so with an autocommit statement per batch every hold and every charge is durable
 before the caller goes on: batching saves round trips and row updates, never durability.
 
@@ -31,11 +32,30 @@ class GroupCommit(Generic[T, R]):
         self._max_batch = max_batch
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._leading = False  # a caller is running a batch of one itself (see _lead)
         self.batches = 0
         self.items = 0
 
     async def submit(self, item: T) -> R:
+        if self._drainer is None and not self._leading:
+            return await self._lead(item)
         return await self.submit_nowait(item)
+
+    async def _lead(self, item: T) -> R:
+        """Nothing in flight: run this item's batch of one in the caller's own task (no task,
+        no future). Items that arrive meanwhile queue, and a drainer takes them after."""
+        self._leading = True
+        self.batches += 1
+        self.items += 1
+        try:
+            result = (await self._run([item]))[0]
+        finally:
+            self._leading = False
+            if self._queue and self._drainer is None:
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def submit_nowait(self, item: T) -> asyncio.Future[R]:
         """Queue ``item`` and return the future of its result at once, so the caller can do
@@ -43,7 +63,7 @@ class GroupCommit(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._queue.append((item, future))
-        if self._drainer is None:
+        if self._drainer is None and not self._leading:
             self._drainer = loop.create_task(self._drain())
         return future
 

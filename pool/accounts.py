@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pool.crypto import CredentialCipher, Secret, fingerprint
 from pool.errors import AccountExists, AccountNotFound, CredentialError
 from pool.models import UpstreamAccount, _utcnow
+from pool.scheduler import Candidate
 
 _accounts = UpstreamAccount.__table__  # type: ignore[attr-defined]
 
@@ -223,6 +224,23 @@ class AccountDirectory:
         self._versions: dict[str, datetime] | None = None
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
+        self._candidates: dict[str | None, tuple[Candidate, ...]] = {}
+        self._candidates_of: dict[str, LiveAccount] | None = None
+
+    def candidates(self, model: str | None) -> tuple[Candidate, ...]:
+        """The scheduler's candidates among the current snapshot's accounts that may serve
+        ``model`` (all of them for None): built once per snapshot and model, and a tuple, so
+        the scheduler reuses its encoding too."""
+        if self._candidates_of is not self._accounts or len(self._candidates) > 64:
+            self._candidates, self._candidates_of = {}, self._accounts
+        found = self._candidates.get(model)
+        if found is None:
+            found = self._candidates[model] = tuple(
+                Candidate(a.id, a.max_concurrency, a.weight, a.group)
+                for a in self._accounts.values()
+                if model is None or a.allows(model)
+            )
+        return found
 
     async def accounts(self) -> dict[str, LiveAccount]:
         if time.monotonic() - self._loaded_at >= self._refresh:

@@ -24,7 +24,7 @@ from pool import accounts as account_repo
 from pool.accounts import LiveAccount
 from pool.errors import NoAccount, NoCapacity
 from pool.headroom import parse_ratelimit_headers, parse_retry_after
-from pool.scheduler import Candidate, Lease
+from pool.scheduler import Lease
 from pool.upstream import (
     QUARANTINE_REASON,
     TRANSPORT_ERRORS,
@@ -106,11 +106,7 @@ async def open_upstream(
     rate_limited_until: list[float] = []
     for attempt in range(1, settings.max_attempts + 1):
         live = await services.directory.accounts()
-        candidates = [
-            Candidate(a.id, a.max_concurrency, a.weight, a.group)
-            for a in live.values()
-            if model is None or a.allows(model)
-        ]
+        candidates = services.directory.candidates(model)
         try:
             call = services.scheduler.acquire_call(
                 candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude

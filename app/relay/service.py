@@ -479,7 +479,7 @@ class Relay:
                 services,
                 method="POST",
                 path="/v1/messages",
-                query=request.url.query,
+                query=request.scope["query_string"].decode("latin-1"),
                 headers=request.headers.items(),
                 content=raw,
                 model=billed.requested_model,
