@@ -14,7 +14,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from cryptography.fernet import Fernet
@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from app.auth import KeyAuthenticator
 from app.db import Database
 from app.metrics import Metrics
-from app.redis import make_redis
+from app.redis import Command, make_redis, pipelined
 from app.settings import Settings
 from billing import aliases as alias_repo
 from billing import prices as price_repo
@@ -99,6 +99,8 @@ class Services:
     """Scheduling decisions of concurrent requests, many per Redis round trip (a pipeline)."""
     lease_ends: GroupCommit[LeaseEnd, None]
     """Ends of requests (lease release + headroom), many per Redis call (group commit)."""
+    redis_commands: GroupCommit[Command, Any]
+    """Plain Redis commands of concurrent requests, one pipeline per batch."""
     instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
     metrics: Metrics = field(default_factory=Metrics)
     holds: PgHolds | None = None
@@ -179,4 +181,5 @@ def build_services(settings: Settings) -> Services:
         holds=PgHolds(db.connect_raw) if db.has_fast_path else None,
         lease_starts=GroupCommit(scheduler.acquire_many),
         lease_ends=GroupCommit(end_leases),
+        redis_commands=pipelined(redis),
     )

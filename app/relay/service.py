@@ -601,10 +601,9 @@ class Relay:
     async def _record_progress(self, billed: Billed, meter: StreamMeter) -> None:
         """What a stream has used so far, for the reconciliation of a crashed process."""
         try:
-            await self.services.redis.set(
-                progress_key(billed.request_id),
-                orjson.dumps({"model": meter.model, "usage": meter.usage.to_api()}),
-                ex=PROGRESS_TTL,
+            progress = orjson.dumps({"model": meter.model, "usage": meter.usage.to_api()})
+            await self.services.redis_commands.submit(
+                ("SET", progress_key(billed.request_id), progress, "EX", PROGRESS_TTL)
             )
         except Exception:
             log.warning("could not record stream progress for %s", billed.request_id, exc_info=True)
@@ -636,6 +635,6 @@ class Relay:
         finally:
             await self._lease_ended(ending)
         try:
-            await services.redis.delete(progress_key(billed.request_id))
+            await services.redis_commands.submit(("DEL", progress_key(billed.request_id)))
         except Exception:
             log.debug("progress key cleanup failed", exc_info=True)
