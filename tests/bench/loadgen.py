@@ -8,8 +8,11 @@
 ``--concurrency`` workers each send one request at a time, back to back, over keep-alive
 connections (one per worker). With ``--duration`` no new request starts after the deadline and
 the requests in flight are finished, never cancelled, so every request the relay saw is counted.
-With ``--requests`` exactly that many are sent. ``--warmup`` seconds of the same load run first
-and are reported apart (``warmup_ok``).
+With ``--requests`` exactly that many are sent; with ``--per-worker K`` each worker sends exactly
+K. ``--stagger S`` spreads the workers' first requests evenly over S seconds (worker i starts
+at S·i/concurrency), for a steady state of long requests instead of one burst; the rate is then
+``ok ÷ (wall − S)``, the steady-state rate (each worker's K requests take wall − S at most).
+``--warmup`` seconds of the same load run first and are reported apart (``warmup_ok``).
 
 Measured per request: total latency (to the last body byte), time to first body byte and, for
 streams, time to the first ``content_block_delta`` (first token). A request is an error when the
@@ -137,24 +140,34 @@ class LoadGen:
         concurrency: int,
         duration: float | None,
         requests: int | None,
+        *,
+        per_worker: int | None = None,
+        stagger: float = 0.0,
     ) -> tuple[Results, float]:
         results = Results()
         deadline = time.perf_counter() + duration if duration is not None else None
         remaining = [requests if requests is not None else 0]
 
-        async def worker() -> None:
+        async def worker(index: int) -> None:
+            if stagger > 0:
+                await asyncio.sleep(stagger * index / concurrency)
+            sent = 0
             while True:
-                if deadline is not None:
+                if per_worker is not None:
+                    if sent >= per_worker:
+                        return
+                elif deadline is not None:
                     if time.perf_counter() >= deadline:
                         return
                 elif remaining[0] <= 0:
                     return
                 else:
                     remaining[0] -= 1
+                sent += 1
                 await self.one(session, results)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return results, time.perf_counter() - started
 
 
@@ -193,15 +206,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print("ready", flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         cpu0 = time.process_time()
+        fixed = args.requests or args.per_worker
         results, wall = await gen.run(
-            session, args.concurrency, None if args.requests else args.duration, args.requests
+            session,
+            args.concurrency,
+            None if fixed else args.duration,
+            args.requests,
+            per_worker=args.per_worker,
+            stagger=args.stagger,
         )
         cpu = time.process_time() - cpu0
         if args.handshake:
             print("done", flush=True)
     summary = _summary(results, wall, cpu)
+    if args.stagger > 0 and wall > args.stagger:
+        summary["rps"] = results.ok / (wall - args.stagger)
     summary.update(
-        warmup_ok=warm_ok, warmup_errors=warm_err, concurrency=args.concurrency, stream=gen.stream
+        stagger_s=args.stagger,
+        warmup_ok=warm_ok,
+        warmup_errors=warm_err,
+        concurrency=args.concurrency,
+        stream=gen.stream,
     )
     return summary
 
@@ -215,6 +240,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
     parser.add_argument("--requests", type=int, help="a fixed count instead of --duration")
+    parser.add_argument("--per-worker", type=int, help="a fixed count per worker instead")
+    parser.add_argument(
+        "--stagger", type=float, default=0.0, help="spread the first requests over S seconds"
+    )
     parser.add_argument("--warmup", type=float, default=0.0, help="seconds of warm-up first")
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--model", default="claude-haiku-4-5")
