@@ -23,6 +23,7 @@ what its in-flight requests are expected to use:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -74,7 +75,9 @@ class FamilyState:
     reset: float | None
 
 
+@functools.lru_cache(maxsize=512)
 def _family_and_field(name: str) -> tuple[str, str] | None:
+    """(family, field) of a lower-case header name; cached, as every response repeats them."""
     if name.startswith(_RATELIMIT):
         rest = name[len(_RATELIMIT) :]
         if rest.startswith("unified"):
@@ -96,7 +99,9 @@ def _parse_int(value: str) -> int | None:
     return int(value)
 
 
+@functools.lru_cache(maxsize=256)
 def _parse_rfc3339(value: str) -> float | None:
+    """Epoch seconds of an RFC 3339 time; cached, as a reset time repeats across responses."""
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -117,6 +122,8 @@ def parse_ratelimit_headers(headers: Mapping[str, str]) -> dict[str, FamilyState
     """
     raw: dict[str, dict[str, str]] = {}
     for name, value in _items(headers):
+        if name[:1] not in "aA":  # anthropic-…: skip the rest without lower-casing them
+            continue
         found = _family_and_field(name.lower())
         if found is not None:
             raw.setdefault(found[0], {})[found[1]] = value

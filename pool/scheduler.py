@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import secrets
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -730,7 +729,7 @@ class Scheduler:
             keys.append(self._base + "aff:" + affinity[0])
             aff_ttl = str(max(1, int(affinity[1])))
         expected = max(0, int(expected_tokens))
-        lease_id = f"{secrets.token_hex(_LEASE_ID_BYTES)}-{expected}"
+        lease_id = f"{self._random.getrandbits(_LEASE_ID_BYTES * 8):016x}-{expected}"
         args: list[str | int] = [
             _time(now),
             expected,
