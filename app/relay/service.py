@@ -474,6 +474,10 @@ class Relay:
     ) -> Any:
         services = self.services
         request_id = billed.request_id
+        if billed.placement is not None and not billed.placement.done():
+            # Let the hold's statement leave before the lease's script: the database commit
+            # is the longer of the two round trips that open_upstream overlaps.
+            await asyncio.sleep(0)
         try:
             opened = await open_upstream(
                 services,
