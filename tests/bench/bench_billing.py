@@ -4,9 +4,10 @@
                                         [--requests 2000] [--concurrency 64]
 
 Creates a scratch database, then measures billed requests per second and the added
-milliseconds per request (hold transaction + settle transaction, no HTTP), for one hot customer
-(every request contends for the same row) and for many customers (no contention). Prints figures
-only; nothing is asserted.
+milliseconds per request (hold + settlement, no HTTP), for one hot customer (every request
+contends for the same row) and for many customers (no contention), on three paths: the ORM
+session (baseline), one statement each (``place_fast``/``settle_fast``), and the group commit
+the relay uses on PostgreSQL (``PgHolds``). Prints figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from app.db import Database
 from app.migrate import upgrade
 from billing import customers, holds, holds_pg, ledger
 from billing.holds import HoldRequest, Outcome
+from billing.holds_pg import PgHolds
 from billing.ids import new_id
 from billing.pricing import Usage
 
 
-async def one_request(db: Database, customer_id: str, latencies: list[float], fast: bool) -> None:
+async def one_request(
+    db: Database, customer_id: str, latencies: list[float], path: str, group: PgHolds | None
+) -> None:
     start = time.perf_counter()
     request_id = new_id("req")
     hold = HoldRequest(
@@ -36,7 +40,11 @@ async def one_request(db: Database, customer_id: str, latencies: list[float], fa
         requested_model="claude-haiku-4-5",
     )
     usage = Usage(input_tokens=100, output_tokens=50)
-    if fast:
+    if path == "group":
+        assert group is not None
+        await group.place(hold)
+        await group.settle(request_id, usage, 350, Outcome(status="ok"))
+    elif path == "single":
         async with db.raw() as conn:
             await holds_pg.place_fast(conn, hold)
         async with db.raw() as conn:
@@ -50,14 +58,19 @@ async def one_request(db: Database, customer_id: str, latencies: list[float], fa
 
 
 async def scenario(
-    db: Database, customer_ids: list[str], total: int, concurrency: int, fast: bool = False
+    db: Database,
+    customer_ids: list[str],
+    total: int,
+    concurrency: int,
+    path: str = "session",
+    group: PgHolds | None = None,
 ) -> dict[str, float]:
     latencies: list[float] = []
     queue = iter(range(total))
 
     async def worker(n: int) -> None:
         for i in queue:
-            await one_request(db, customer_ids[(i + n) % len(customer_ids)], latencies, fast)
+            await one_request(db, customer_ids[(i + n) % len(customer_ids)], latencies, path, group)
 
     started = time.perf_counter()
     cpu_started = time.process_time()
@@ -83,17 +96,18 @@ async def main(url: str, total: int, concurrency: int) -> None:
                 session, customer.id, "topup", 10**12, memo=None, idempotency_key=None
             )
             ids.append(customer.id)
-    paths = [("session (baseline)", False)] + (
-        [("single statement", True)] if db.has_fast_path else []
+    group = PgHolds(db.connect_raw) if db.has_fast_path else None
+    paths = [("session (baseline)", "session")] + (
+        [("single statement", "single"), ("group commit", "group")] if db.has_fast_path else []
     )
-    for _, fast in paths:
-        await scenario(db, ids, 200, 8, fast)  # warm up connections and statement caches
+    for _, path in paths:
+        await scenario(db, ids, 200, 8, path, group)  # warm up connections and statements
     print(f"backend: {db.engine.dialect.name}, {total} billed requests per run")
     for label, pool in (("one hot customer", ids[:1]), ("many customers (200)", ids)):
         for c in (1, concurrency):
             baseline: dict[str, float] | None = None
-            for path_label, fast in paths:
-                r = await scenario(db, pool, total if c > 1 else total // 4, c, fast)
+            for path_label, path in paths:
+                r = await scenario(db, pool, total if c > 1 else total // 4, c, path, group)
                 ratio = (
                     f"  ×{r['rps'] / baseline['rps']:.2f} req/s, ×{r['cpu_ms_per_request'] / baseline['cpu_ms_per_request']:.2f} CPU vs baseline"
                     if baseline
@@ -105,6 +119,8 @@ async def main(url: str, total: int, concurrency: int) -> None:
                     f"  added p50 {r['p50_ms']:6.2f} ms p99 {r['p99_ms']:7.2f} ms"
                     f"  CPU {r['cpu_ms_per_request']:.3f} ms/req{ratio}"
                 )
+    if group is not None:
+        await group.aclose()
     await db.dispose()
 
 
