@@ -27,6 +27,8 @@ Runner = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 
 
 class GroupCommit(Generic[T, R]):
+    """One queue of items and at most one batch of them in flight (module docstring)."""
+
     def __init__(self, run: Runner[T, R], *, max_batch: int = 256) -> None:
         self._run = run
         self._max_batch = max_batch
