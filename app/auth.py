@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Mapping
@@ -32,12 +33,16 @@ def credential_from(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+log = logging.getLogger("poolrelay.auth")
+
+
 class KeyAuthenticator:
     def __init__(self, db: Database, *, cache_seconds: float) -> None:
         self._db = db
         self._ttl = cache_seconds
         self._cache: dict[str, tuple[float, KeyContext | None]] = {}
         self._pending: dict[str, asyncio.Future[KeyContext | None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, headers: Mapping[str, str]) -> KeyContext:
         """The key's context, or ApiError 401/403."""
@@ -64,10 +69,28 @@ class KeyAuthenticator:
         now = time.monotonic()
         cached = self._cache.get(plaintext)
         if cached is not None and now - cached[0] < self._ttl:
+            if now - cached[0] >= self._ttl / 2 and plaintext not in self._pending:
+                # Past half its age: refresh in the background, keep answering from the cache
+                # (no request waits under traffic; nothing is older than the TTL + one lookup).
+                task = asyncio.create_task(self._refresh(plaintext))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return cached[1]
         pending = self._pending.get(plaintext)
         if pending is not None:  # one lookup per key at a time, however many requests wait
             return await asyncio.shield(pending)
+        return await self._load(plaintext)
+
+    async def _refresh(self, plaintext: str) -> None:
+        if plaintext in self._pending:
+            return
+        try:
+            await self._load(plaintext)
+        except Exception:  # the next request past the TTL looks it up (and sees the error)
+            log.warning("background key lookup failed", exc_info=True)
+
+    async def _load(self, plaintext: str) -> KeyContext | None:
+        now = time.monotonic()
         future: asyncio.Future[KeyContext | None] = asyncio.get_running_loop().create_future()
         self._pending[plaintext] = future
         try:

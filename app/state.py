@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import stat
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     import httpx
 
 T = TypeVar("T")
+log = logging.getLogger("poolrelay")
 
 
 def load_encryption_keys(settings: Settings) -> list[bytes]:
@@ -61,7 +63,12 @@ def load_encryption_keys(settings: Settings) -> list[bytes]:
 class Reloading(Generic[T]):
     """A value loaded from the database and reloaded every few seconds, so that an edit made
     through any process (admin API, CLI) reaches every process; ``invalidate`` makes this
-    process reload at once."""
+    process reload at once.
+
+    Past half its age the value is refreshed in the background while callers keep the current
+    one (stale-while-revalidate): under traffic a reload never stalls a request, and a value is
+    never older than ``refresh_seconds`` plus one load. Only the first load, a load after
+    ``invalidate`` and one after a long idle spell are waited for."""
 
     def __init__(
         self, load: Callable[[], Awaitable[T]], initial: T, *, refresh_seconds: float = 5.0
@@ -71,14 +78,32 @@ class Reloading(Generic[T]):
         self._refresh = refresh_seconds
         self._loaded_at = -1e9
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def get(self) -> T:
-        if time.monotonic() - self._loaded_at >= self._refresh:
+        age = time.monotonic() - self._loaded_at
+        if age >= self._refresh:
             async with self._lock:
                 if time.monotonic() - self._loaded_at >= self._refresh:
-                    self._value = await self._load()
-                    self._loaded_at = time.monotonic()
+                    await self._reload()
+        elif age >= self._refresh / 2 and self._background is None:
+            self._background = asyncio.create_task(self._reload_in_background())
         return self._value
+
+    async def _reload(self) -> None:
+        started = time.monotonic()  # the value is as old as the moment its load began
+        self._value = await self._load()
+        self._loaded_at = started
+
+    async def _reload_in_background(self) -> None:
+        try:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at >= self._refresh / 2:
+                    await self._reload()
+        except Exception:  # keep serving the current value; get() retries (and raises) later
+            log.warning("background reload failed", exc_info=True)
+        finally:
+            self._background = None
 
     def invalidate(self) -> None:
         self._loaded_at = -1e9

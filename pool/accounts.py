@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,9 @@ async def record_quarantine(
     )
 
 
+log = logging.getLogger("poolrelay.pool")
+
+
 @dataclass(frozen=True, slots=True)
 class LiveAccount:
     """An account as the relay uses it: credential decrypted, in memory only."""
@@ -224,6 +228,7 @@ class AccountDirectory:
         self._versions: dict[str, datetime] | None = None
         self._loaded_at = 0.0
         self._lock = asyncio.Lock()
+        self._reloading: asyncio.Task[None] | None = None
         self._candidates: dict[str | None, tuple[Candidate, ...]] = {}
         self._candidates_of: dict[str, LiveAccount] | None = None
 
@@ -243,13 +248,30 @@ class AccountDirectory:
         return found
 
     async def accounts(self) -> dict[str, LiveAccount]:
-        if time.monotonic() - self._loaded_at >= self._refresh:
+        """The current snapshot. Past half its age it is reloaded in the background while
+        callers keep it (no request waits for a reload under traffic, and no snapshot is older
+        than ``refresh_seconds`` plus one reload); a snapshot older than that is waited for."""
+        age = time.monotonic() - self._loaded_at
+        if age >= self._refresh:
             async with self._lock:
                 if time.monotonic() - self._loaded_at >= self._refresh:
                     await self.reload()
+        elif age >= self._refresh / 2 and self._reloading is None:
+            self._reloading = asyncio.create_task(self._reload_in_background())
         return self._accounts
 
+    async def _reload_in_background(self) -> None:
+        try:
+            async with self._lock:
+                if time.monotonic() - self._loaded_at >= self._refresh / 2:
+                    await self.reload()
+        except Exception:  # keep the snapshot; accounts() waits for (and raises) a late reload
+            log.warning("background reload of the accounts failed", exc_info=True)
+        finally:
+            self._reloading = None
+
     async def reload(self) -> None:
+        started = time.monotonic()  # the snapshot is as old as the moment its load began
         rows = await self._load()
         live: dict[str, LiveAccount] = {}
         versions = {row.id: row.updated_at for row in rows}
@@ -278,7 +300,7 @@ class AccountDirectory:
                 credential=credential,
             )
         self._accounts = live
-        self._loaded_at = time.monotonic()
+        self._loaded_at = started
 
     def invalidate(self) -> None:
         self._loaded_at = 0.0
