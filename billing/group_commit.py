@@ -38,6 +38,11 @@ class GroupCommit(Generic[T, R]):
         self.batches = 0
         self.items = 0
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for the next batch."""
+        return len(self._queue)
+
     async def submit(self, item: T) -> R:
         if self._drainer is None and not self._leading:
             return await self._lead(item)

@@ -33,6 +33,7 @@ def test_a_lone_call_runs_at_once_and_later_calls_share_a_batch() -> None:
         await asyncio.sleep(0)
         nowait = group.submit_nowait(7)
         await asyncio.sleep(0)
+        assert group.queued == 5  # 3..7 wait while 2's batch is in flight
         rec.gate.set()
         assert await first == 20
         assert [await r for r in rest] == [30, 40, 50, 60]

@@ -474,9 +474,12 @@ class Relay:
     ) -> Any:
         services = self.services
         request_id = billed.request_id
-        if billed.placement is not None and not billed.placement.done():
-            # Let the hold's statement leave before the lease's script: the database commit
-            # is the longer of the two round trips that open_upstream overlaps.
+        holds_pg = services.holds
+        if billed.placement is not None and holds_pg is not None and holds_pg.placing.queued == 1:
+            # A lone hold: let its statement leave before the lease's script, the database
+            # commit being the longer of the two round trips that open_upstream overlaps.
+            # (Under load the hold waits for the next batch anyway; yielding would only queue
+            # this request behind all the others.)
             await asyncio.sleep(0)
         try:
             opened = await open_upstream(
