@@ -35,23 +35,23 @@ class Gate:
 
 async def _quick(awaitable: Any) -> Any:
     """The awaitable's result, which must come without waiting on a load."""
-    return await asyncio.wait_for(awaitable, 0.05)
+    return await asyncio.wait_for(awaitable, 0.2)
 
 
 def test_reloading_refreshes_in_the_background_past_half_its_age() -> None:
     async def main() -> None:
         gate = Gate()
-        value: Reloading[int] = Reloading(gate.wait, 0, refresh_seconds=0.2)
+        value: Reloading[int] = Reloading(gate.wait, 0, refresh_seconds=1.0)
         assert await value.get() == 1  # the first load is waited for
         assert await _quick(value.get()) == 1  # fresh
-        await asyncio.sleep(0.12)  # past half its age
+        await asyncio.sleep(0.6)  # past half its age
         gate.open.clear()
         assert await _quick(value.get()) == 1  # served at once while the reload is held
         assert await _quick(value.get()) == 1  # and only one reload runs
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         assert gate.loads == 2
         gate.open.set()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         assert await _quick(value.get()) == 2  # the background reload landed
         value.invalidate()  # this process changed it: the next get waits for a load
         gate.open.clear()
@@ -59,7 +59,7 @@ def test_reloading_refreshes_in_the_background_past_half_its_age() -> None:
             await _quick(value.get())
         gate.open.set()
         assert await value.get() == 4
-        await asyncio.sleep(0.25)  # idle past its bound: waited for, never served stale
+        await asyncio.sleep(1.1)  # idle past its bound: waited for, never served stale
         gate.open.clear()
         with pytest.raises(TimeoutError):
             await _quick(value.get())
@@ -82,18 +82,18 @@ def test_key_lookups_refresh_in_the_background(monkeypatch: pytest.MonkeyPatch) 
             return await gate.wait()
 
         monkeypatch.setattr(app.auth.customers, "lookup_key", lookup_key)
-        auth = KeyAuthenticator(FakeDb(), cache_seconds=0.2)  # type: ignore[arg-type]
+        auth = KeyAuthenticator(FakeDb(), cache_seconds=1.0)  # type: ignore[arg-type]
         assert await auth._lookup("k") == 1
-        await asyncio.sleep(0.12)
+        await asyncio.sleep(0.6)
         gate.open.clear()
         assert await _quick(auth._lookup("k")) == 1  # cached answer while the lookup runs
         assert await _quick(auth._lookup("k")) == 1
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         assert gate.loads == 2
         gate.open.set()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         assert await _quick(auth._lookup("k")) == 2
-        await asyncio.sleep(0.25)  # past the TTL: a revoked key is never served from cache
+        await asyncio.sleep(1.1)  # past the TTL: a revoked key is never served from cache
         gate.open.clear()
         with pytest.raises(TimeoutError):
             await _quick(auth._lookup("k"))
@@ -119,14 +119,14 @@ def test_account_snapshots_reload_in_the_background() -> None:
                 )
             ]
 
-        directory = AccountDirectory(load, cipher, refresh_seconds=0.2)
+        directory = AccountDirectory(load, cipher, refresh_seconds=1.0)
         assert (await directory.accounts())["acc_1"].name == "first"
-        await asyncio.sleep(0.12)
+        await asyncio.sleep(0.6)
         names.append("second")
         gate.open.clear()
         assert (await _quick(directory.accounts()))["acc_1"].name == "first"
         gate.open.set()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         assert (await _quick(directory.accounts()))["acc_1"].name == "second"
         assert gate.loads == 2
 
