@@ -103,7 +103,7 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
     )
 
 
-def clip(text: str | None) -> str | None:
+def _clip(text: str | None) -> str | None:
     """Error text for the log: bounded, and without NUL (PostgreSQL refuses it in text)."""
     return text.replace("\x00", "")[:1000] if text else None
 
@@ -123,6 +123,19 @@ class Outcome:
     duration_ms: int | None = None
     response_body: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_values(self) -> dict[str, Any]:
+        """The request-log columns every settlement writes from the outcome, by column name."""
+        return {
+            "status": self.status,
+            "http_status": self.http_status,
+            "account_id": self.account_id,
+            "upstream_request_id": self.upstream_request_id,
+            "attempts": self.attempts,
+            "error": _clip(self.error),
+            "ttfb_ms": self.ttfb_ms,
+            "duration_ms": self.duration_ms,
+        }
 
 
 async def settle(
@@ -170,15 +183,8 @@ async def settle(
             .values(held_micros=_customers.c.held_micros - held)
         )
     values: dict[str, Any] = {
-        "status": outcome.status,
-        "http_status": outcome.http_status,
+        **outcome.log_values(),
         "cost_micros": cost_micros,
-        "account_id": outcome.account_id,
-        "upstream_request_id": outcome.upstream_request_id,
-        "attempts": outcome.attempts,
-        "error": clip(outcome.error),
-        "ttfb_ms": outcome.ttfb_ms,
-        "duration_ms": outcome.duration_ms,
         "finished_at": utcnow(),
     }
     if outcome.model is not None:

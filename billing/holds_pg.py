@@ -39,7 +39,7 @@ from psycopg.errors import DeadlockDetected
 
 from billing.errors import CustomerNotFound, CustomerSuspended, InsufficientBalance
 from billing.group_commit import GroupCommit
-from billing.holds import NO_BUDGET, HoldRequest, Outcome, clip
+from billing.holds import NO_BUDGET, HoldRequest, Outcome
 from billing.models import utcnow
 from billing.pricing import Usage
 
@@ -235,17 +235,10 @@ def _settle_params(item: Settlement) -> dict[str, Any]:
     u = item.usage or Usage()
     outcome = item.outcome
     return {
+        **outcome.log_values(),
         "request_id": item.request_id,
         "cost": item.cost_micros,
-        "status": outcome.status,
-        "http_status": outcome.http_status,
         "model": outcome.model,
-        "account_id": outcome.account_id,
-        "upstream_request_id": outcome.upstream_request_id,
-        "attempts": outcome.attempts,
-        "error": clip(outcome.error),
-        "ttfb_ms": outcome.ttfb_ms,
-        "duration_ms": outcome.duration_ms,
         "response_body": outcome.response_body,
         "input_tokens": u.input_tokens,
         "output_tokens": u.output_tokens,

@@ -474,8 +474,8 @@ class Relay:
     ) -> Any:
         services = self.services
         request_id = billed.request_id
-        holds_pg = services.holds
-        if billed.placement is not None and holds_pg is not None and holds_pg.placing.queued == 1:
+        pg_holds = services.holds
+        if billed.placement is not None and pg_holds is not None and pg_holds.placing.queued == 1:
             # A lone hold: let its statement leave before the lease's script, the database
             # commit being the longer of the two round trips that open_upstream overlaps.
             # (Under load the hold waits for the next batch anyway; yielding would only queue
