@@ -90,6 +90,16 @@ TOPUP_USD = "1000000"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SLOW_PROMPT = "reply with 2 words"
 BUSY_PERCENT = 20.0  # other processes' CPU, % of one core, above which a run is flagged
+SERVER_OF = {"direct": "fake", "passthrough": "passthrough", "relay": "relay"}
+"""The process whose CPU per request a run reports, by target."""
+# What ``poolrelay serve`` imports from its libraries, without any of poolrelay's own code: the
+# RSS of a process that imports just these is the floor of any relay built on this stack.
+STACK_IMPORTS = (
+    "uvloop", "uvicorn", "uvicorn.protocols.http.httptools_impl", "uvicorn.lifespan.on",
+    "starlette.applications", "fastapi", "pydantic_settings", "sqlalchemy.ext.asyncio",
+    "sqlmodel", "psycopg", "psycopg_pool", "redis.asyncio", "aiohttp", "cryptography.fernet",
+    "orjson", "prometheus_client",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,16 +337,27 @@ class Stack:
             )
         return done.stdout.decode()
 
-    def start(self, name: str, argv: list[str], url: str, ready_path: str) -> Server:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        url: str,
+        ready_path: str,
+        *,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Server:
+        """Start ``poolrelay ARGV`` (or ``COMMAND ARGV``, run from the repository) and wait
+        until ``url + ready_path`` answers 200."""
         log = self.workdir / f"{name}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [*poolrelay_argv(), *argv],
+                [*(command or poolrelay_argv()), *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.workdir,
+                env={**self.env, **(env or {})},
+                cwd=REPO if command else self.workdir,
                 start_new_session=True,  # Ctrl-C reaches only the harness, which stops it
             )
         server = Server(name, proc, log, url)
@@ -409,7 +430,7 @@ class Scenario:
 @dataclass
 class Run:
     scenario: Scenario
-    target: str  # "direct" | "relay"
+    target: str  # "direct" | "passthrough" | "relay"
     load: dict[str, Any]
     wall: float
     cpu: dict[str, float]
@@ -421,10 +442,11 @@ class Run:
         return int(self.load["ok"]) + int(self.load["errors"])
 
     def cpu_ms(self, name: str) -> float | None:
-        return self.cpu[name] / self.done * 1000 if self.done else None
+        seconds = self.cpu.get(name)
+        return seconds / self.done * 1000 if seconds is not None and self.done else None
 
     def percent(self, name: str) -> float:
-        return self.cpu[name] / self.wall * 100 if self.wall > 0 else 0.0
+        return self.cpu.get(name, 0.0) / self.wall * 100 if self.wall > 0 else 0.0
 
     @property
     def others_percent(self) -> float:
@@ -432,7 +454,8 @@ class Run:
 
     @property
     def server_cpu_ms(self) -> float | None:
-        return self.cpu_ms("relay" if self.target == "relay" else "fake")
+        """CPU per request of the process under test (the fake, for direct runs)."""
+        return self.cpu_ms(SERVER_OF[self.target])
 
 
 class LineReader:
@@ -466,8 +489,10 @@ def run_load(
     target: str,
     url: str,
     key: str,
-    relay_pid: int,
+    rss_pid: int | None,
 ) -> Run:
+    """One load-generator run against ``url``; ``rss_pid``: the process whose peak RSS to
+    measure (None for direct runs)."""
     argv = [
         sys.executable,
         "-m",
@@ -507,9 +532,10 @@ def run_load(
     try:
         if reader.line(budget) != "ready":
             raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
-        measure_rss = target == "relay"
-        reset_peak_rss(relay_pid)
-        sampler = RssSampler(relay_pid)
+        measure_rss = rss_pid is not None
+        pid = rss_pid if rss_pid is not None else os.getpid()
+        reset_peak_rss(pid)
+        sampler = RssSampler(pid)
         with sampler:
             before = watch.snapshot(proc.pid)
             proc.stdin.write(b"go\n")
@@ -517,7 +543,7 @@ def run_load(
             if reader.line(budget) != "done":
                 raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
             after = watch.snapshot(proc.pid)
-            hwm = proc_status_kb(relay_pid, "VmHWM") or 0
+            hwm = proc_status_kb(pid, "VmHWM") or 0
         result_line = reader.line(30)
         if result_line is None:
             raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
@@ -565,79 +591,107 @@ class Report:
     runs: dict[tuple[str, str], Run] = field(default_factory=dict)
     idle_rss_kb: int = 0
     idle_rss_start_kb: int = 0
+    passthrough_idle_rss_kb: int = 0
+    stack_imports_rss_kb: int = 0
     billing: dict[str, Any] = field(default_factory=dict)
 
     def pair(self, name: str) -> tuple[Run, Run] | None:
         d, r = self.runs.get((name, "direct")), self.runs.get((name, "relay"))
         return (d, r) if d and r else None
 
+    def targets(self, name: str) -> list[Run]:
+        """The runs of one scenario, in the order direct, passthrough, relay."""
+        return [r for t in SERVER_OF if (r := self.runs.get((name, t))) is not None]
+
+
+def _ratio_row(label: str, r: Run, base: Run) -> str:
+    """``r`` against ``base``: req/s as a ratio, latencies as ms added, CPU as a ratio."""
+    return (
+        f"{'':<22} {label:<11} {'':>7} "
+        f"{_f(_ratio(r.load['rps'], base.load['rps']), '×{:.2f}'):>8} "
+        f"{_f(_diff(r.load['p50_ms'], base.load['p50_ms']), '{:+.2f}'):>8} "
+        f"{_f(_diff(r.load['p99_ms'], base.load['p99_ms']), '{:+.2f}'):>8} "
+        f"{_f(_diff(r.load['ttfb_p50_ms'], base.load['ttfb_p50_ms']), '{:+.2f}'):>9} "
+        f"{_f(_diff(r.load['ttft_p50_ms'], base.load['ttft_p50_ms']), '{:+.2f}'):>9} "
+        f"{_f(_ratio(r.server_cpu_ms, base.server_cpu_ms), '×{:.1f}'):>11}\n"
+    )
+
 
 def print_report(report: Report, scenarios: list[Scenario], args: argparse.Namespace) -> None:
     out = sys.stdout.write
-    out("\n== Results (direct = load generator → fake upstream; relay = → relay → fake) ==\n")
+    out(
+        "\n== Results (direct = load generator → fake upstream; passthrough = → bare Python"
+        " relay → fake; relay = → poolrelay → fake) ==\n"
+    )
     head = (
-        f"{'scenario':<22} {'target':<7} {'ok':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'scenario':<22} {'target':<11} {'ok':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'TTFB p50':>9} {'TTFT p50':>9} {'CPU ms/req':>11} {'RSS peak MB':>12} {'errors':>7}\n"
     )
     out(head)
     out("-" * (len(head) - 1) + "\n")
     for s in scenarios:
-        pair = report.pair(s.name)
-        if pair is None:
+        runs = report.targets(s.name)
+        if not runs:
             continue
-        for run in pair:
+        for i, run in enumerate(runs):
             load = run.load
-            cpu_label = ("relay " if run.target == "relay" else "fake ") + _f(
-                run.server_cpu_ms, "{:.3f}"
-            )
+            cpu_label = {"direct": "fake ", "passthrough": "pass ", "relay": "relay "}[
+                run.target
+            ] + _f(run.server_cpu_ms, "{:.3f}")
             out(
-                f"{s.label if run.target == 'direct' else '':<22} {run.target:<7} {load['ok']:>7} "
+                f"{s.label if i == 0 else '':<22} {run.target:<11} {load['ok']:>7} "
                 f"{load['rps']:>8.1f} {_f(load['p50_ms']):>8} {_f(load['p99_ms']):>8} "
                 f"{_f(load['ttfb_p50_ms']):>9} {_f(load['ttft_p50_ms']):>9} {cpu_label:>11} "
                 f"{_mb(run.peak_rss_kb):>12} {load['errors']:>7}"
                 f"{'  (busy machine)' if run.others_percent > BUSY_PERCENT else ''}\n"
             )
-        d, r = pair
-        out(
-            f"{'':<22} {'ratio':<7} {'':>7} {_f(_ratio(r.load['rps'], d.load['rps']), '×{:.2f}'):>8} "
-            f"{_f(_diff(r.load['p50_ms'], d.load['p50_ms']), '{:+.2f}'):>8} "
-            f"{_f(_diff(r.load['p99_ms'], d.load['p99_ms']), '{:+.2f}'):>8} "
-            f"{_f(_diff(r.load['ttfb_p50_ms'], d.load['ttfb_p50_ms']), '{:+.2f}'):>9} "
-            f"{_f(_diff(r.load['ttft_p50_ms'], d.load['ttft_p50_ms']), '{:+.2f}'):>9} "
-            f"{_f(_ratio(r.server_cpu_ms, d.server_cpu_ms), '×{:.1f}'):>11}\n"
-        )
+        by = {run.target: run for run in runs}
+        if "relay" in by and "direct" in by:
+            out(_ratio_row("vs direct", by["relay"], by["direct"]))
+        if "relay" in by and "passthrough" in by:
+            out(_ratio_row("vs passthru", by["relay"], by["passthrough"]))
+        if "passthrough" in by and "direct" in by:
+            out(_ratio_row("passthru/dir", by["passthrough"], by["direct"]))
     out(
-        "(ratio row: req/s relay/direct; p50, p99, TTFB and TTFT as ms added by the relay; CPU as"
-        " relay per request / fake per request)\n"
+        "(vs direct: the relay against direct-to-fake; vs passthru: the relay against the bare"
+        " passthrough, i.e. what auth, billing and scheduling add; passthru/dir: what a bare"
+        " Python hop adds. req/s as ratios, p50, p99, TTFB and TTFT as ms added, CPU per request"
+        " as ratios)\n"
         f"relay RSS idle: {_mb(report.idle_rss_start_kb)} MB just started, "
         f"{_mb(report.idle_rss_kb)} MB after setup and one request\n"
     )
+    if report.passthrough_idle_rss_kb or report.stack_imports_rss_kb:
+        out(
+            f"passthrough RSS idle: {_mb(report.passthrough_idle_rss_kb)} MB; a process that "
+            f"only imports the relay's libraries ({len(STACK_IMPORTS)} modules, no poolrelay"
+            f" code): {_mb(report.stack_imports_rss_kb)} MB\n"
+        )
 
     out(
         "\n== CPU per request in ms (measured window ÷ requests), and %CPU of one core "
         f"(machine: {os.cpu_count()} cores) ==\n"
     )
     head = (
-        f"{'scenario':<22} {'target':<7} {'loadgen':>8} {'fake':>7} {'relay':>7} "
-        f"{'postgres':>9} {'redis':>7} | {'loadgen %':>9} {'relay %':>8} {'others %':>9} "
+        f"{'scenario':<22} {'target':<11} {'loadgen':>8} {'fake':>7} {'pass':>7} {'relay':>7} "
+        f"{'postgres':>9} {'redis':>7} | {'loadgen %':>9} {'server %':>9} {'others %':>9} "
         f"{'wall s':>7}\n"
     )
     out(head)
     out("-" * (len(head) - 1) + "\n")
     for s in scenarios:
-        pair = report.pair(s.name)
-        if pair is None:
-            continue
-        for run in pair:
+        for i, run in enumerate(report.targets(s.name)):
             out(
-                f"{s.label if run.target == 'direct' else '':<22} {run.target:<7} "
+                f"{s.label if i == 0 else '':<22} {run.target:<11} "
                 f"{_f(run.cpu_ms('loadgen'), '{:.3f}'):>8} {_f(run.cpu_ms('fake'), '{:.3f}'):>7} "
+                f"{_f(run.cpu_ms('passthrough'), '{:.3f}'):>7} "
                 f"{_f(run.cpu_ms('relay'), '{:.3f}'):>7} {_f(run.cpu_ms('postgres'), '{:.3f}'):>9} "
                 f"{_f(run.cpu_ms('redis'), '{:.3f}'):>7} | {run.percent('loadgen'):>8.0f}% "
-                f"{run.percent('relay'):>7.0f}% {run.others_percent:>8.0f}% {run.wall:>7.1f}\n"
+                f"{run.percent(SERVER_OF[run.target]):>8.0f}% {run.others_percent:>8.0f}% "
+                f"{run.wall:>7.1f}\n"
             )
     out(
         "(postgres = backends of the scratch database; redis = the whole redis-server, shared;"
+        " server = the process under test (fake, passthrough or relay);"
         " others = every other process on the machine. Loadgen near 100% = the baseline is"
         " limited by the load generator; others above ~20% = a busy machine, figures noisy)\n"
     )
@@ -669,6 +723,15 @@ def print_report(report: Report, scenarios: list[Scenario], args: argparse.Names
             _f(added, "{:+.2f} ms"),
             None if added is None else added <= 2,
         )
+        bare = report.runs.get(("nonstream-c1", "passthrough"))
+        if bare is not None:
+            add(
+                "  of which a bare Python hop (passthrough)",
+                _f(_diff(bare.load["p50_ms"], p[0].load["p50_ms"]), "{:+.2f} ms")
+                + "; billing + scheduling "
+                + _f(_diff(p[1].load["p50_ms"], bare.load["p50_ms"]), "{:+.2f} ms"),
+                None,
+            )
     for name in ("stream-c1", "stream-c64"):
         p = report.pair(name)
         if p:
@@ -695,6 +758,12 @@ def print_report(report: Report, scenarios: list[Scenario], args: argparse.Names
             peaks.append(p[1].peak_rss_kb)
     idle = max(report.idle_rss_kb, report.idle_rss_start_kb)
     add("relay RSS ≤ 80 MB idle", f"{_mb(idle)} MB", idle <= 80 * 1024)
+    if report.stack_imports_rss_kb:
+        add(
+            "  the relay's libraries alone / bare passthrough",
+            f"{_mb(report.stack_imports_rss_kb)} MB / {_mb(report.passthrough_idle_rss_kb)} MB",
+            None,
+        )
     if peaks:
         add(
             f"relay RSS ≤ 150 MB with {args.slow_streams} streams",
@@ -777,6 +846,46 @@ def admin(url: str) -> httpx.Client:
     return httpx.Client(
         base_url=url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30
     )
+
+
+def stack_imports_rss_kb() -> int:
+    """VmRSS of a fresh interpreter that has imported :data:`STACK_IMPORTS` and nothing else."""
+    code = (
+        "import gc, importlib\n"
+        f"for m in {STACK_IMPORTS!r}: importlib.import_module(m)\n"
+        "gc.collect()\n"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=120, check=True, cwd=REPO
+    )
+    return int(done.stdout.split()[-1])
+
+
+def start_passthrough(stack: Stack, watch: Watch, report: Report, fake: Server) -> Server:
+    """The bare passthrough (:mod:`tests.bench.passthrough`) in front of the fake upstream."""
+    port = free_port()
+    server = stack.start(
+        "passthrough",
+        ["--upstream", fake.url, "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}",
+        "/ready",
+        command=[sys.executable, "-m", "tests.bench.passthrough"],
+        env={"PASSTHROUGH_CREDENTIAL": CREDENTIALS[0]},
+    )
+    watch.pids["passthrough"] = server.pid
+    response = httpx.post(
+        server.url + "/v1/messages",
+        headers={"x-api-key": "unused", "anthropic-version": "2023-06-01"},
+        json={"model": "claude-haiku-4-5", "max_tokens": 64,
+              "messages": [{"role": "user", "content": "Hello"}]},
+        timeout=30,
+    )  # fmt: skip
+    response.raise_for_status()
+    time.sleep(0.5)
+    report.passthrough_idle_rss_kb = proc_status_kb(server.pid, "VmRSS") or 0
+    report.stack_imports_rss_kb = stack_imports_rss_kb()
+    return server
 
 
 def setup(stack: Stack, watch: Watch, report: Report) -> tuple[Server, Server, str, str]:
@@ -907,6 +1016,19 @@ def main(args: argparse.Namespace) -> int:
     failed = False
     try:
         fake, relay, customer_id, key = setup(stack, watch, report)
+        targets: list[tuple[str, str, str, int | None]] = [
+            ("direct", fake.url, CREDENTIALS[0], None)
+        ]
+        if not args.no_passthrough:
+            bare = start_passthrough(stack, watch, report, fake)
+            print(
+                f"[setup] passthrough pid {bare.pid} on {bare.url}; idle RSS "
+                f"{_mb(report.passthrough_idle_rss_kb)} MB; the relay's libraries alone "
+                f"{_mb(report.stack_imports_rss_kb)} MB",
+                flush=True,
+            )
+            targets.append(("passthrough", bare.url, "unused", bare.pid))
+        targets.append(("relay", relay.url, key, relay.pid))
         expected = 1  # the setup request
         for s in scenarios:
             if s.slow:
@@ -915,16 +1037,13 @@ def main(args: argparse.Namespace) -> int:
                     json={"key": "*", "fault": "slow_stream", "delay": args.slow_delay},
                 ).raise_for_status()
             try:
-                for target, url, credential in (
-                    ("direct", fake.url, CREDENTIALS[0]),
-                    ("relay", relay.url, key),
-                ):
-                    run = run_load(stack, watch, s, target, url, credential, relay.pid)
+                for target, url, credential, pid in targets:
+                    run = run_load(stack, watch, s, target, url, credential, pid)
                     report.runs[(s.name, target)] = run
                     if target == "relay":
                         expected += int(run.load["ok"]) + int(run.load["warmup_ok"])
                     print(
-                        f"[run] {s.label:<20} {target:<6} {run.load['ok']:>6} ok "
+                        f"[run] {s.label:<20} {target:<11} {run.load['ok']:>6} ok "
                         f"{run.load['errors']:>4} errors {run.load['rps']:8.1f} req/s "
                         f"p50 {_f(run.load['p50_ms'])} ms",
                         flush=True,
@@ -965,6 +1084,8 @@ def main(args: argparse.Namespace) -> int:
                         ],
                         "idle_rss_kb": report.idle_rss_kb,
                         "idle_rss_start_kb": report.idle_rss_start_kb,
+                        "passthrough_idle_rss_kb": report.passthrough_idle_rss_kb,
+                        "stack_imports_rss_kb": report.stack_imports_rss_kb,
                         "billing": report.billing,
                     },
                     indent=2,
@@ -999,6 +1120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slow-delay", type=float, help="seconds between slow-stream events")
     parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument("--log-dir", help="keep the servers' logs in this directory")
+    parser.add_argument(
+        "--no-passthrough", action="store_true", help="skip the bare-passthrough baseline"
+    )
     args = parser.parse_args(argv)
     if args.slow_delay is None:
         args.slow_delay = 0.2 if args.quick else 0.4
