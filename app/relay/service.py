@@ -56,6 +56,7 @@ log = logging.getLogger("poolrelay.relay")
 
 PROGRESS_TTL = 86_400
 TOUCH_INTERVAL = 60.0
+RETRY_MAX_DELAY = 30.0
 
 __all__ = ["Relay", "check_model_allowed", "model_matches", "read_body"]
 
@@ -149,6 +150,10 @@ def _usage_tokens(usage: Usage) -> int:
 
 
 class Relay:
+    retry_first_delay = 0.5
+    """Seconds before a settlement that could not be written is tried again in the background
+    (doubling up to ``RETRY_MAX_DELAY``)."""
+
     def __init__(self, services: Services) -> None:
         self.services = services
         self.limiter = KeyRateLimiter(services.redis)
@@ -350,21 +355,14 @@ class Relay:
                 price = book.match(model) or billed.price
             cost = cost_micros(usage, price, billed.key.price_multiplier)
         outcome.model = model or outcome.model
-        outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
-        db = self.services.db
+        if outcome.duration_ms is None:
+            outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
         for attempt in range(3):
             try:
-                if self.services.holds is not None:
-                    await self.services.holds.settle(billed.request_id, usage, cost, outcome)
-                else:
-                    async with db.transaction() as session:
-                        await holds.settle(session, billed.request_id, usage, cost, outcome)
+                await self._write_settlement(billed.request_id, usage, cost, outcome)
                 break
             except Exception:
                 if attempt == 2:
-                    log.exception(
-                        "settlement of %s failed; reconciliation will retry", billed.request_id
-                    )
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
         if cost > billed.hold_micros:
@@ -380,6 +378,56 @@ class Relay:
             except Exception:
                 log.debug("could not correct the key's token window", exc_info=True)
         return cost
+
+    async def _write_settlement(
+        self, request_id: str, usage: Usage | None, cost: int, outcome: Outcome
+    ) -> None:
+        """One attempt at the settlement's write: idempotent by request id (the hold row is
+        deleted by exactly one writer), so repeating an attempt that did commit is a no-op."""
+        if self.services.holds is not None:
+            await self.services.holds.settle(request_id, usage, cost, outcome)
+            return
+        async with self.services.db.transaction() as session:
+            await holds.settle(session, request_id, usage, cost, outcome)
+
+    def settle_later(
+        self, billed: Billed, usage: Usage | None, model: str | None, outcome: Outcome
+    ) -> None:
+        """Keep trying, in the background, a settlement that could not be written (the
+        database was unreachable): until it lands the hold keeps the customer's money reserved
+        and a charge is missing from the ledger, so it must not wait for a restart. Retries
+        back off from ``retry_first_delay`` to ``RETRY_MAX_DELAY`` seconds for as long as the
+        process runs; if it stops first, reconciliation finishes the hold as a stopped
+        process's (charged from the stream's recorded progress, or released)."""
+
+        async def retry() -> None:
+            delay = self.retry_first_delay
+            tries = 0
+            while True:
+                await asyncio.sleep(delay)
+                tries += 1
+                try:
+                    await self.settle(billed, usage, model, outcome)
+                except Exception as exc:
+                    if tries in (1, 10) or tries % 100 == 0:
+                        log.warning(
+                            "settlement of %s still failing after %d background tries: %s",
+                            billed.request_id,
+                            tries,
+                            type(exc).__name__,
+                        )
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
+                    continue
+                log.warning(
+                    "settlement of %s written after %d background tries", billed.request_id, tries
+                )
+                if usage is not None:
+                    await self._forget_progress(billed.request_id)
+                return
+
+        task = asyncio.create_task(retry())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _observe(self, billed: Billed, usage: Usage | None, cost: int, outcome: Outcome) -> None:
         metrics = self.services.metrics
@@ -422,9 +470,8 @@ class Relay:
         try:
             await self.settle(billed, None, None, outcome)
         except Exception:
-            log.exception(
-                "releasing hold %s failed; reconciliation will release it", billed.request_id
-            )
+            log.exception("releasing hold %s failed; retrying in the background", billed.request_id)
+            self.settle_later(billed, None, None, outcome)
 
     # -- the endpoint ---------------------------------------------------------------------------
 
@@ -580,7 +627,14 @@ class Relay:
         try:
             cost = await self.settle(billed, usage, model, outcome)
         except Exception:
+            # The answer is withheld, so it is not charged: the hold is released (later, when
+            # the database answers again).
+            log.exception("settlement of %s failed; the answer is withheld", billed.request_id)
             await self._lease_ended(ending)
+            outcome.status = "failed"
+            outcome.http_status = 500
+            outcome.error = "the settlement could not be written; the answer was withheld"
+            self.settle_later(billed, None, None, outcome)
             return edge.render_error(
                 errors.ApiError(
                     500, "api_error", "The response could not be billed; it was not charged."
@@ -618,7 +672,6 @@ class Relay:
     async def _finish_stream(
         self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd
     ) -> None:
-        services = self.services
         ending = self._end_lease(opened, success=end.status == "ok")
         usage: Usage | None = None
         if meter.started:
@@ -639,9 +692,18 @@ class Relay:
         )
         try:
             await self.settle(billed, usage, meter.model, outcome)
+        except Exception:
+            # The bytes were delivered: the charge stands and is written when the database
+            # answers again (the stream's progress record stays until then, for a crash).
+            log.exception("settlement of stream %s failed; retrying it", billed.request_id)
+            self.settle_later(billed, usage, meter.model, outcome)
+            return
         finally:
             await self._lease_ended(ending)
+        await self._forget_progress(billed.request_id)
+
+    async def _forget_progress(self, request_id: str) -> None:
         try:
-            await services.redis_commands.submit(("DEL", progress_key(billed.request_id)))
+            await self.services.redis_commands.submit(("DEL", progress_key(request_id)))
         except Exception:
             log.debug("progress key cleanup failed", exc_info=True)

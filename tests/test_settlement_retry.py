@@ -1,0 +1,121 @@
+"""A settlement the database did not take (it was unreachable) is written later, in the
+background, instead of leaving the hold reserved until the process restarts: a stream that was
+delivered is charged, a JSON answer that was withheld is released."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from app.relay.service import Relay
+from billing.pricing import SEED_PRICES, Usage, cost_micros
+from tests.harness import FakeUpstream, RelayServer
+
+MODEL = "claude-haiku-4-5"
+HAIKU = next(p for p in SEED_PRICES if p.model == MODEL)
+UPSTREAM_KEY = "sk-ant-api03-retry-key-0001"
+
+
+def micros(usd: str) -> int:
+    return int(Decimal(usd) * 1_000_000)
+
+
+class Outage:
+    """The relay's settlement writes fail (as with an unreachable database) until ``failures``
+    of them have failed; every attempt is counted."""
+
+    def __init__(self, relay: Relay, failures: int) -> None:
+        self.failures = failures
+        self.attempts = 0
+        self._write = relay._write_settlement
+
+    async def __call__(self, *args: Any) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise OSError("connection refused (simulated outage)")
+        await self._write(*args)
+
+
+@pytest.fixture
+def outage(
+    relay: RelayServer, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Outage]:
+    instance: Relay = relay.app.state.customer_api.relay
+    monkeypatch.setattr(Relay, "retry_first_delay", 0.05)
+    # 3 attempts while the request is answered, then 2 more in the background.
+    outage = Outage(instance, failures=5)
+    monkeypatch.setattr(instance, "_write_settlement", outage)
+    relay.add_account("a", UPSTREAM_KEY, fake.url)
+    yield outage
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def body(stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "max_tokens": 64,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Hello"}],
+    }
+
+
+def test_a_delivered_stream_is_charged_once_the_database_answers(
+    relay: RelayServer, outage: Outage
+) -> None:
+    customer_id, key = relay.create_customer(balance_usd="1")
+    with httpx.stream(
+        "POST", f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(True), timeout=30
+    ) as r:
+        assert r.status_code == 200
+        raw = b"".join(r.iter_raw())
+        request_id = r.headers["x-poolrelay-request-id"]
+    assert raw.count(b"event: message_stop") == 1  # the customer got the whole answer
+    usage = Usage()
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data: "):
+            data = orjson.loads(line[6:])
+            if data["type"] == "message_start":
+                usage = Usage.from_api(data["message"]["usage"])
+            elif data["type"] == "message_delta":
+                usage = usage.merged(data["usage"])
+
+    wait_for(lambda: micros(relay.customer(customer_id)["held_usd"]) == 0)
+    assert outage.attempts == outage.failures + 1
+    customer = relay.customer(customer_id)
+    ledger = relay.ledger(customer_id)
+    debits = [e for e in ledger if e["kind"] == "usage"]
+    assert [e["request_id"] for e in debits] == [request_id]
+    assert -micros(debits[0]["amount_usd"]) == cost_micros(usage, HAIKU)
+    assert micros(customer["balance_usd"]) == sum(micros(e["amount_usd"]) for e in ledger)
+
+
+def test_a_withheld_json_answer_is_released_not_charged(relay: RelayServer, outage: Outage) -> None:
+    customer_id, key = relay.create_customer(balance_usd="1")
+    r = httpx.post(
+        f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(False), timeout=30
+    )
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "api_error"
+    assert "not charged" in r.json()["error"]["message"]
+
+    wait_for(lambda: micros(relay.customer(customer_id)["held_usd"]) == 0)
+    customer = relay.customer(customer_id)
+    assert customer["balance_usd"] == "1.000000"
+    assert [e["kind"] for e in relay.ledger(customer_id)] == ["topup"]
+    with relay.admin() as admin:
+        row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
+    assert row["status"] == "failed"
+    assert row["cost_usd"] == "0.000000"
