@@ -55,7 +55,13 @@ Options:
   --log-dir        keep the servers' logs there (default: a temporary directory, removed)
 
 Figures depend on what else the machine runs: the "others" column says how much CPU other
-processes took during each window.
+processes took during each window, and "steal" how long the hypervisor gave this virtual
+machine's CPUs to someone else (a run with either above 20% of a core is flagged "busy").
+
+``--no-passthrough`` skips the third target of every scenario, the bare passthrough
+(:mod:`tests.bench.passthrough`: the same server stack and upstream client, no auth, billing or
+scheduling), whose rows show what any Python relay costs on this machine ("passthru/dir") and
+what poolrelay's own work adds on top ("vs passthru").
 """
 
 from __future__ import annotations
@@ -139,13 +145,14 @@ def reset_peak_rss(pid: int) -> bool:
         return False
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+def machine_seconds() -> tuple[float, float]:
+    """(CPU seconds the machine's processes ran, all cores; seconds the hypervisor gave the
+    virtual CPUs to someone else — "steal"), from /proc/stat."""
     with open("/proc/stat") as f:
         parts = f.readline().split()[1:]
     values = [int(v) for v in parts[:8]]
-    idle = values[3] + values[4]
-    return (sum(values) - idle) / CLK_TCK
+    idle, steal = values[3] + values[4], values[7]
+    return (sum(values) - idle - steal) / CLK_TCK, steal / CLK_TCK
 
 
 def _pids() -> Iterator[int]:
@@ -177,6 +184,7 @@ class Snapshot:
     at: float
     cpu: dict[str, float]
     machine: float
+    steal: float
 
 
 class Watch:
@@ -192,7 +200,7 @@ class Watch:
         cpu["harness"] = proc_cpu_seconds(os.getpid())
         cpu["postgres"] = sum(proc_cpu_seconds(p) for p in postgres_backends(self.dbname))
         cpu["redis"] = sum(proc_cpu_seconds(p) for p in redis_server_pids())
-        return Snapshot(time.perf_counter(), cpu, machine_busy_seconds())
+        return Snapshot(time.perf_counter(), cpu, *machine_seconds())
 
 
 class RssSampler:
@@ -435,6 +443,7 @@ class Run:
     wall: float
     cpu: dict[str, float]
     others: float
+    steal: float = 0.0
     peak_rss_kb: int | None = None
 
     @property
@@ -451,6 +460,14 @@ class Run:
     @property
     def others_percent(self) -> float:
         return self.others / self.wall * 100 if self.wall > 0 else 0.0
+
+    @property
+    def steal_percent(self) -> float:
+        return self.steal / self.wall * 100 if self.wall > 0 else 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return self.others_percent > BUSY_PERCENT or self.steal_percent > BUSY_PERCENT
 
     @property
     def server_cpu_ms(self) -> float | None:
@@ -561,6 +578,7 @@ def run_load(
         wall=after.at - before.at,
         cpu=cpu,
         others=max(0.0, (after.machine - before.machine) - ours),
+        steal=max(0.0, after.steal - before.steal),
         peak_rss_kb=max(hwm, sampler.peak_kb) if measure_rss else None,
     )
 
@@ -643,7 +661,7 @@ def print_report(report: Report, scenarios: list[Scenario], args: argparse.Names
                 f"{load['rps']:>8.1f} {_f(load['p50_ms']):>8} {_f(load['p99_ms']):>8} "
                 f"{_f(load['ttfb_p50_ms']):>9} {_f(load['ttft_p50_ms']):>9} {cpu_label:>11} "
                 f"{_mb(run.peak_rss_kb):>12} {load['errors']:>7}"
-                f"{'  (busy machine)' if run.others_percent > BUSY_PERCENT else ''}\n"
+                f"{'  (busy machine)' if run.noisy else ''}\n"
             )
         by = {run.target: run for run in runs}
         if "relay" in by and "direct" in by:
@@ -674,7 +692,7 @@ def print_report(report: Report, scenarios: list[Scenario], args: argparse.Names
     head = (
         f"{'scenario':<22} {'target':<11} {'loadgen':>8} {'fake':>7} {'pass':>7} {'relay':>7} "
         f"{'postgres':>9} {'redis':>7} | {'loadgen %':>9} {'server %':>9} {'others %':>9} "
-        f"{'wall s':>7}\n"
+        f"{'steal %':>8} {'wall s':>7}\n"
     )
     out(head)
     out("-" * (len(head) - 1) + "\n")
@@ -687,13 +705,15 @@ def print_report(report: Report, scenarios: list[Scenario], args: argparse.Names
                 f"{_f(run.cpu_ms('relay'), '{:.3f}'):>7} {_f(run.cpu_ms('postgres'), '{:.3f}'):>9} "
                 f"{_f(run.cpu_ms('redis'), '{:.3f}'):>7} | {run.percent('loadgen'):>8.0f}% "
                 f"{run.percent(SERVER_OF[run.target]):>8.0f}% {run.others_percent:>8.0f}% "
-                f"{run.wall:>7.1f}\n"
+                f"{run.steal_percent:>7.0f}% {run.wall:>7.1f}\n"
             )
     out(
         "(postgres = backends of the scratch database; redis = the whole redis-server, shared;"
         " server = the process under test (fake, passthrough or relay);"
-        " others = every other process on the machine. Loadgen near 100% = the baseline is"
-        " limited by the load generator; others above ~20% = a busy machine, figures noisy)\n"
+        " others = every other process on the machine; steal = time the hypervisor ran someone"
+        " else on this machine's virtual CPUs, % of one core. Loadgen near 100% = the baseline"
+        " is limited by the load generator; others or steal above ~20% = a busy machine,"
+        " figures noisy)\n"
     )
 
     out("\n== Targets (issue 6, per relay process, full billing + scheduling) ==\n")
@@ -1078,6 +1098,7 @@ def main(args: argparse.Namespace) -> int:
                                 "wall_s": r.wall,
                                 "cpu_s": r.cpu,
                                 "others_cpu_s": r.others,
+                                "steal_s": r.steal,
                                 "peak_rss_kb": r.peak_rss_kb,
                             }
                             for r in report.runs.values()
