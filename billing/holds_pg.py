@@ -46,6 +46,12 @@ from billing.pricing import Usage
 log = logging.getLogger("poolrelay.billing")
 
 Connect = Callable[[], Awaitable[AsyncConnection[Any]]]
+
+PLACE_TIMEOUT_SECONDS = 15
+"""``statement_timeout`` of the connection that places holds. A hold whose connection broke
+before its answer came back may still have committed; past this time its statement has
+certainly ended (committed or rolled back), so the relay can look and release it if it is
+there (:meth:`app.relay.service.Relay.resolve_hold_later`)."""
 Executor = AsyncConnection[Any] | AsyncCursor[Any]
 """Where a statement runs: a connection, or a cursor kept open on one (saves making one)."""
 
@@ -302,16 +308,23 @@ class _Line:
     """One dedicated autocommit connection and cursor. A :class:`GroupCommit` runs one batch
     at a time, so each needs exactly one connection: no pool to go through per batch."""
 
-    def __init__(self, connect: Connect) -> None:
+    def __init__(self, connect: Connect, *, statement_timeout: float | None = None) -> None:
         self._connect = connect
+        self._timeout_ms = int(statement_timeout * 1000) if statement_timeout else None
         self._conn: AsyncConnection[Any] | None = None
         self._cursor: AsyncCursor[Any] | None = None
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[AsyncCursor[Any]]:
         if self._conn is None or self._cursor is None or self._conn.closed:
-            self._conn = await self._connect()
-            self._cursor = self._conn.cursor()
+            conn = await self._connect()
+            if self._timeout_ms is not None:
+                try:
+                    await conn.execute(f"SET statement_timeout = {self._timeout_ms}")
+                except BaseException:
+                    await conn.close()
+                    raise
+            self._conn, self._cursor = conn, conn.cursor()
         try:
             yield self._cursor
         except BaseException:  # the connection may be broken: the next batch opens a new one
@@ -333,7 +346,7 @@ class PgHolds:
     """
 
     def __init__(self, connect: Connect, *, max_batch: int = 256) -> None:
-        self._placing_line = _Line(connect)
+        self._placing_line = _Line(connect, statement_timeout=PLACE_TIMEOUT_SECONDS)
         self._settling_line = _Line(connect)
         self.placing: GroupCommit[HoldRequest, None] = GroupCommit(
             self._place_batch, max_batch=max_batch

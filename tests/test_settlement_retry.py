@@ -119,3 +119,63 @@ def test_a_withheld_json_answer_is_released_not_charged(relay: RelayServer, outa
         row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
     assert row["status"] == "failed"
     assert row["cost_usd"] == "0.000000"
+
+
+def key_spend_held(relay: RelayServer, key_id: str) -> list[int]:
+    import sqlalchemy as sa
+
+    from billing.models import KeySpend
+
+    async def read() -> list[int]:
+        async with relay.services.db.transaction() as session:
+            table = KeySpend.__table__  # type: ignore[attr-defined]
+            rows = await session.execute(
+                sa.select(table.c.held_micros).where(table.c.key_id == key_id)
+            )
+            return [int(r[0]) for r in rows]
+
+    return relay.call(read)
+
+
+def test_a_hold_written_but_not_confirmed_is_released_with_its_budget(
+    relay: RelayServer, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold's statement committed, but its answer was lost (the connection broke): the
+    request is refused, never sent upstream, and the hold and its budget reservation are given
+    back exactly once."""
+    instance: Relay = relay.app.state.customer_api.relay
+    relay.add_account("a", UPSTREAM_KEY, fake.url)
+    customer_id, _ = relay.create_customer(balance_usd="1")
+    with relay.admin() as admin:
+        created = admin.post(
+            f"/admin/customers/{customer_id}/keys", json={"name": "b", "daily_budget_usd": "0.5"}
+        ).json()
+    place = instance._place_hold
+
+    async def place_then_lose_the_answer(hold: Any) -> None:
+        placement = await place(hold)
+        if placement is not None:
+            await placement
+        raise OSError("connection lost after the commit (simulated)")
+
+    monkeypatch.setattr(instance, "_place_hold", place_then_lose_the_answer)
+    monkeypatch.setattr(instance, "ambiguous_hold_wait", 0.05)
+    r = httpx.post(
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": created["key"]},
+        json=body(False),
+        timeout=30,
+    )
+    assert r.status_code == 500 and r.json()["type"] == "error"
+    assert fake.count(UPSTREAM_KEY) == 0
+
+    wait_for(lambda: micros(relay.customer(customer_id)["held_usd"]) == 0)
+    wait_for(lambda: key_spend_held(relay, created["id"]) == [0, 0])
+    time.sleep(0.3)  # nothing more happens: the reservation is not given back twice
+    assert key_spend_held(relay, created["id"]) == [0, 0]
+    customer = relay.customer(customer_id)
+    assert customer["balance_usd"] == "1.000000"
+    assert [e["kind"] for e in relay.ledger(customer_id)] == ["topup"]
+    with relay.admin() as admin:
+        row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
+    assert row["status"] == "failed"

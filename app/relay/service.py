@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app import errors
-from app.errors import ApiError, to_api_error
+from app.errors import to_api_error
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge
@@ -45,11 +45,11 @@ from billing.customers import KeyContext, touch_key
 from billing.errors import BillingError, BudgetExceeded, NoPrice
 from billing.estimate import estimate_input_tokens_upper, worst_case_usage
 from billing.holds import HoldRequest, Outcome
+from billing.holds_pg import PLACE_TIMEOUT_SECONDS
 from billing.ids import new_id
 from billing.money import format_usd
 from billing.pricing import Price, Usage, cost_micros
 from pool.affinity import affinity_key
-from pool.errors import PoolError
 from pool.upstream import customer_headers
 
 log = logging.getLogger("poolrelay.relay")
@@ -156,6 +156,8 @@ class Relay:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        self.ambiguous_hold_wait = PLACE_TIMEOUT_SECONDS + 1.0 if services.holds else 0.0
+        """Seconds after a hold's uncertain failure by which its statement has ended."""
         self.limiter = KeyRateLimiter(services.redis)
         self._touched: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -280,17 +282,14 @@ class Relay:
             else None,
             budget=reservation,
         )
-        placement: asyncio.Future[None] | None = None
-        if self.services.holds is not None:
-            # Placed while the scheduler leases an account (open_upstream awaits it first).
-            placement = self.services.holds.place_nowait(hold)
-        else:
-            try:
-                async with db.transaction() as session:
-                    await holds.place(session, hold)
-            except BaseException:
-                await self._undo_reservation(key, reservation)
-                raise
+        try:
+            placement = await self._place_hold(hold)
+        except BillingError:  # refused: nothing was held
+            await self._undo_reservation(key, reservation)
+            raise
+        except BaseException:
+            self.resolve_hold_later(request_id, key, reservation)
+            raise
         billed = Billed(
             request_id,
             key,
@@ -307,20 +306,64 @@ class Relay:
         )
         return billed, edited
 
+    async def _place_hold(self, hold: HoldRequest) -> asyncio.Future[None] | None:
+        """Place the hold: on PostgreSQL start it (group commit) and return its future, so it
+        is written while the scheduler leases an account (``open_upstream`` awaits it before
+        sending anything); on SQLite place it in a transaction of its own and return None."""
+        if self.services.holds is not None:
+            return self.services.holds.place_nowait(hold)
+        async with self.services.db.transaction() as session:
+            await holds.place(session, hold)
+        return None
+
+    def resolve_hold_later(
+        self, request_id: str, key: KeyContext, reservation: Reservation | None
+    ) -> None:
+        """A hold whose placement failed without a refusal (the connection broke, the request
+        was cancelled) may have been written all the same. Once its statement has certainly
+        ended (``ambiguous_hold_wait``), release the hold if it is there — which also gives back
+        its budget reservation — or else give the reservation back alone; retried in the
+        background while the database is unreachable. The request itself was refused, so
+        nothing is charged."""
+        outcome = Outcome(
+            status="failed", error="the hold could not be confirmed; the request was refused"
+        )
+
+        async def resolve() -> None:
+            await asyncio.sleep(self.ambiguous_hold_wait)
+            delay = self.retry_first_delay
+            while True:
+                try:
+                    if not await self._write_settlement(request_id, None, 0, outcome):
+                        await self._undo_reservation(key, reservation)
+                    return
+                except Exception:
+                    log.warning("resolving hold %s failed; retrying", request_id, exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+        task = asyncio.create_task(resolve())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _undo_reservation(self, key: KeyContext, reservation: Reservation | None) -> None:
         if reservation is not None:
             async with self.services.db.transaction() as session:
                 await budgets.settle(session, key.key_id, reservation, 0)
 
     async def _placement_error(self, billed: Billed) -> Exception | None:
-        """The hold's refusal when it was not placed (after undoing its budget reservation)."""
+        """Why the hold was not placed (its refusal, or the failure that left it uncertain), or
+        None when it was."""
         if billed.placement is None:
             return None
         try:
             await billed.placement
             return None
-        except Exception as exc:
+        except BillingError as exc:
             await self._undo_reservation(billed.key, billed.reservation)
+            return exc
+        except Exception as exc:
+            self.resolve_hold_later(billed.request_id, billed.key, billed.reservation)
             return exc
 
     def touch(self, key: KeyContext) -> None:
@@ -381,14 +424,14 @@ class Relay:
 
     async def _write_settlement(
         self, request_id: str, usage: Usage | None, cost: int, outcome: Outcome
-    ) -> None:
+    ) -> bool:
         """One attempt at the settlement's write: idempotent by request id (the hold row is
-        deleted by exactly one writer), so repeating an attempt that did commit is a no-op."""
+        deleted by exactly one writer), so repeating an attempt that did commit is a no-op.
+        Returns whether this attempt found the hold."""
         if self.services.holds is not None:
-            await self.services.holds.settle(request_id, usage, cost, outcome)
-            return
+            return await self.services.holds.settle(request_id, usage, cost, outcome)
         async with self.services.db.transaction() as session:
-            await holds.settle(session, request_id, usage, cost, outcome)
+            return await holds.settle(session, request_id, usage, cost, outcome)
 
     def settle_later(
         self, billed: Billed, usage: Usage | None, model: str | None, outcome: Outcome
@@ -491,7 +534,7 @@ class Relay:
             billed, downgraded = await self.admit(
                 request_id, key, body, raw, endpoint=edge.endpoint, started=started, notes=notes
             )
-        except (ApiError, BillingError, PoolError) as exc:
+        except Exception as exc:  # expected refusals, and failures (the database unreachable)
             return self._refuse(exc, request_id, edge, notes)
         self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
