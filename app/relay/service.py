@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -330,21 +331,40 @@ class Relay:
         )
 
         async def resolve() -> None:
-            await asyncio.sleep(self.ambiguous_hold_wait)
-            delay = self.retry_first_delay
-            while True:
-                try:
-                    if not await self._write_settlement(request_id, None, 0, outcome):
-                        await self._undo_reservation(key, reservation)
-                    return
-                except Exception:
-                    log.warning("resolving hold %s failed; retrying", request_id, exc_info=True)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+            if not await self._write_settlement(request_id, None, 0, outcome):
+                await self._undo_reservation(key, reservation)
 
-        task = asyncio.create_task(resolve())
+        self._spawn(
+            self._until_done(f"resolving hold {request_id}", resolve, self.ambiguous_hold_wait)
+        )
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run ``job`` in the background, kept referenced until it ends."""
+        task = asyncio.create_task(job)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _until_done(
+        self, what: str, attempt: Callable[[], Awaitable[None]], first_wait: float
+    ) -> None:
+        """Call ``attempt`` after ``first_wait`` seconds, then again after each failure, waiting
+        from ``retry_first_delay`` doubling up to ``RETRY_MAX_DELAY``, until it succeeds or the
+        process stops (the database may be unreachable for a while)."""
+        await asyncio.sleep(first_wait)
+        delay, tries = self.retry_first_delay, 0
+        while True:
+            tries += 1
+            try:
+                await attempt()
+            except Exception as exc:
+                if tries in (1, 10) or tries % 100 == 0:
+                    log.warning("%s: try %d failed (%s); retrying", what, tries, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            if tries > 1:
+                log.warning("%s: done at try %d", what, tries)
+            return
 
     async def _undo_reservation(self, key: KeyContext, reservation: Reservation | None) -> None:
         if reservation is not None:
@@ -380,9 +400,7 @@ class Relay:
             except Exception:
                 log.debug("could not record last_used_at", exc_info=True)
 
-        task = asyncio.create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(write())
 
     # -- settlement -----------------------------------------------------------------------------
 
@@ -443,34 +461,13 @@ class Relay:
         process runs; if it stops first, reconciliation finishes the hold as a stopped
         process's (charged from the stream's recorded progress, or released)."""
 
-        async def retry() -> None:
-            delay = self.retry_first_delay
-            tries = 0
-            while True:
-                await asyncio.sleep(delay)
-                tries += 1
-                try:
-                    await self.settle(billed, usage, model, outcome)
-                except Exception as exc:
-                    if tries in (1, 10) or tries % 100 == 0:
-                        log.warning(
-                            "settlement of %s still failing after %d background tries: %s",
-                            billed.request_id,
-                            tries,
-                            type(exc).__name__,
-                        )
-                    delay = min(delay * 2, RETRY_MAX_DELAY)
-                    continue
-                log.warning(
-                    "settlement of %s written after %d background tries", billed.request_id, tries
-                )
-                if usage is not None:
-                    await self._forget_progress(billed.request_id)
-                return
+        async def attempt() -> None:
+            await self.settle(billed, usage, model, outcome)
+            if usage is not None:
+                await self._forget_progress(billed.request_id)
 
-        task = asyncio.create_task(retry())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        what = f"settlement of {billed.request_id}"
+        self._spawn(self._until_done(what, attempt, self.retry_first_delay))
 
     def _observe(self, billed: Billed, usage: Usage | None, cost: int, outcome: Outcome) -> None:
         metrics = self.services.metrics
