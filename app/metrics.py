@@ -87,6 +87,13 @@ class Metrics:
             "Differences found by the last reconciliation",
             registry=r,
         )
+        self.billing_retries = Gauge(
+            "poolrelay_billing_writes_retrying",
+            "Settlements and uncertain holds this process is retrying in the background"
+            " (the database did not take them)",
+            ["kind"],
+            registry=r,
+        )
         self.holds_settled = Counter(
             "poolrelay_reconciliation_holds",
             "Left-behind holds finished by reconciliation",

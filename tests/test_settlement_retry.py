@@ -179,3 +179,26 @@ def test_a_hold_written_but_not_confirmed_is_released_with_its_budget(
     with relay.admin() as admin:
         row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
     assert row["status"] == "failed"
+
+
+def retrying(relay: RelayServer, kind: str) -> float:
+    text = httpx.get(f"{relay.url}/metrics", timeout=10).text
+    prefix = f'poolrelay_billing_writes_retrying{{kind="{kind}"}} '
+    line = next((line for line in text.splitlines() if line.startswith(prefix)), None)
+    return float(line[len(prefix) :]) if line else 0.0
+
+
+def test_writes_being_retried_are_visible_in_metrics(relay: RelayServer, outage: Outage) -> None:
+    outage.failures = 10**9  # the database stays away until the test brings it back
+    customer_id, key = relay.create_customer(balance_usd="1")
+    with httpx.stream(
+        "POST", f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(True), timeout=30
+    ) as r:
+        b"".join(r.iter_raw())
+    wait_for(lambda: retrying(relay, "settlement") == 1.0)
+    assert micros(relay.customer(customer_id)["held_usd"]) > 0
+
+    outage.failures = 0  # back
+    wait_for(lambda: retrying(relay, "settlement") == 0.0)
+    assert micros(relay.customer(customer_id)["held_usd"]) == 0
+    assert [e["kind"] for e in relay.ledger(customer_id)] == ["usage", "topup"]

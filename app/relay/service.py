@@ -335,7 +335,9 @@ class Relay:
                 await self._undo_reservation(key, reservation)
 
         self._spawn(
-            self._until_done(f"resolving hold {request_id}", resolve, self.ambiguous_hold_wait)
+            self._until_done(
+                f"resolving hold {request_id}", "hold", resolve, self.ambiguous_hold_wait
+            )
         )
 
     def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
@@ -345,26 +347,34 @@ class Relay:
         task.add_done_callback(self._background.discard)
 
     async def _until_done(
-        self, what: str, attempt: Callable[[], Awaitable[None]], first_wait: float
+        self, what: str, kind: str, attempt: Callable[[], Awaitable[None]], first_wait: float
     ) -> None:
         """Call ``attempt`` after ``first_wait`` seconds, then again after each failure, waiting
         from ``retry_first_delay`` doubling up to ``RETRY_MAX_DELAY``, until it succeeds or the
-        process stops (the database may be unreachable for a while)."""
-        await asyncio.sleep(first_wait)
-        delay, tries = self.retry_first_delay, 0
-        while True:
-            tries += 1
-            try:
-                await attempt()
-            except Exception as exc:
-                if tries in (1, 10) or tries % 100 == 0:
-                    log.warning("%s: try %d failed (%s); retrying", what, tries, type(exc).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
-                continue
-            if tries > 1:
-                log.warning("%s: done at try %d", what, tries)
-            return
+        process stops (the database may be unreachable for a while). Counted meanwhile in
+        ``poolrelay_billing_writes_retrying{kind}``."""
+        pending = self.services.metrics.billing_retries.labels(kind)
+        pending.inc()
+        try:
+            await asyncio.sleep(first_wait)
+            delay, tries = self.retry_first_delay, 0
+            while True:
+                tries += 1
+                try:
+                    await attempt()
+                except Exception as exc:
+                    if tries in (1, 10) or tries % 100 == 0:
+                        log.warning(
+                            "%s: try %d failed (%s); retrying", what, tries, type(exc).__name__
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
+                    continue
+                if tries > 1:
+                    log.warning("%s: done at try %d", what, tries)
+                return
+        finally:
+            pending.dec()
 
     async def _undo_reservation(self, key: KeyContext, reservation: Reservation | None) -> None:
         if reservation is not None:
@@ -467,7 +477,7 @@ class Relay:
                 await self._forget_progress(billed.request_id)
 
         what = f"settlement of {billed.request_id}"
-        self._spawn(self._until_done(what, attempt, self.retry_first_delay))
+        self._spawn(self._until_done(what, "settlement", attempt, self.retry_first_delay))
 
     def _observe(self, billed: Billed, usage: Usage | None, cost: int, outcome: Outcome) -> None:
         metrics = self.services.metrics
