@@ -9,10 +9,14 @@ Sources, first match wins:
 1. the ``x-claude-code-session-id`` header (Claude Code sends it on every request);
 2. ``metadata.user_id`` in the body;
 3. only when the body has ``cache_control`` breakpoints (top level, tools, system blocks,
-   message content blocks): a hash of the cacheable prefix, i.e. the canonical JSON of
-   ``tools`` + ``system`` + ``messages`` up to and including the last breakpoint block
-   (a top-level ``cache_control`` puts the breakpoint on the last block, so the prefix is the
-   whole of them). What follows the last breakpoint does not change the key.
+   message content blocks): a hash of the part of the cacheable prefix that stays the same
+   from one request of a conversation to the next — the canonical JSON of what comes up to
+   and including the **first** breakpoint when it is in ``tools`` or ``system``; when the first
+   breakpoint is in the messages (or is the top-level one, which marks the last block), of
+   ``tools`` + ``system`` + the first message (up to its breakpoint, when the breakpoint is in
+   it). A conversation moves its message breakpoint forward every turn, so keying on the
+   last breakpoint would give every turn a new key and lose the account that holds the
+   conversation's cache; its tools, system prompt and first message do not change.
 
 The key is a hash of (source, customer id, value): customers never share a key and no user data
 reaches Redis key names. ``ttl`` follows the prompt-cache TTL: 3600 s when any breakpoint asks
@@ -79,15 +83,15 @@ _Breakpoint = tuple[str, int, int]
 
 
 def _breakpoints(body: Mapping[str, Any]) -> tuple[_Breakpoint | None, bool]:
-    """(where the last breakpoint is, whether any breakpoint asks for the 1h TTL)."""
-    last: _Breakpoint | None = None
+    """(where the first breakpoint is, whether any breakpoint asks for the 1h TTL)."""
+    first: _Breakpoint | None = None
     long_ttl = False
 
     def mark(block: Any, where: _Breakpoint) -> None:
-        nonlocal last, long_ttl
+        nonlocal first, long_ttl
         marker = _marker(block)
         if marker is not None:
-            last = where
+            first = first or where
             long_ttl = long_ttl or marker.get("ttl") == "1h"
 
     for i, tool in enumerate(_blocks(body.get("tools"))):
@@ -99,26 +103,40 @@ def _breakpoints(body: Mapping[str, Any]) -> tuple[_Breakpoint | None, bool]:
         for j, block in enumerate(_blocks(content)):
             mark(block, ("messages", i, j))
     mark(body, ("all", 0, 0))
-    return last, long_ttl
+    return first, long_ttl
 
 
-def _prefix_json(body: Mapping[str, Any], last: _Breakpoint) -> bytes:
-    """Canonical JSON of tools + system + messages up to and including the last breakpoint."""
-    tools = _blocks(body.get("tools"))
+def _unmarked(blocks: list[Any]) -> list[Any]:
+    """The blocks without their ``cache_control`` markers: a breakpoint that moves on (as a
+    conversation's does every turn) changes no content, so it must not change the key."""
+    return [
+        {k: v for k, v in block.items() if k != "cache_control"}
+        if isinstance(block, Mapping)
+        else block
+        for block in blocks
+    ]
+
+
+def _prefix_json(body: Mapping[str, Any], first: _Breakpoint) -> bytes:
+    """Canonical JSON of the conversation's stable prefix (module docstring, source 3)."""
+    tools = _unmarked(_blocks(body.get("tools")))
     system = body.get("system")
+    system = _unmarked(system) if isinstance(system, list) else system
     messages = _blocks(body.get("messages"))
-    where, i, j = last
+    where, i, j = first
     prefix: dict[str, Any]
     if where == "tools":
         prefix = {"tools": tools[: i + 1]}
     elif where == "system":
         prefix = {"tools": tools, "system": _blocks(system)[: i + 1]}
-    elif where == "messages":
-        message = dict(messages[i])
-        message["content"] = _blocks(message.get("content"))[: j + 1]
-        prefix = {"tools": tools, "system": system, "messages": [*messages[:i], message]}
     else:
-        prefix = {"tools": tools, "system": system, "messages": messages}
+        opening: Any = messages[0] if messages else None
+        if isinstance(opening, Mapping):
+            content = opening.get("content")
+            if isinstance(content, list):
+                content = _unmarked(content[: j + 1] if where == "messages" and i == 0 else content)
+            opening = {**opening, "content": content}
+        prefix = {"tools": tools, "system": system, "first_message": opening}
     return orjson.dumps(prefix, option=orjson.OPT_SORT_KEYS)
 
 
@@ -129,9 +147,9 @@ def affinity_key(
     if not isinstance(body, Mapping):
         body = {}
     try:
-        last, long_ttl = _breakpoints(body)
+        first, long_ttl = _breakpoints(body)
     except (TypeError, ValueError, AttributeError):
-        last, long_ttl = None, False
+        first, long_ttl = None, False
     ttl = LONG_TTL if long_ttl else SHORT_TTL
     customer = customer_id.encode()
     session = _session_header(headers)
@@ -140,9 +158,9 @@ def affinity_key(
     user_id = _user_id(body)
     if user_id is not None:
         return _digest(b"user", customer, user_id.encode(errors="replace")), ttl
-    if last is not None:
+    if first is not None:
         try:
-            prefix = _prefix_json(body, last)
+            prefix = _prefix_json(body, first)
         except (TypeError, ValueError, AttributeError):
             return None
         return _digest(b"prefix", customer, prefix), ttl

@@ -855,6 +855,11 @@ class Scheduler:
             args.extend(end)
         await self._finish(keys=self._keys, args=args)
 
+    @property
+    def lease_ttl(self) -> float:
+        """Seconds a lease lives unless renewed (:meth:`renew`) or ended."""
+        return self._lease_ttl
+
     async def renew(self, lease: Lease, now: float | None = None) -> Lease:
         """Extend a long stream's lease by ``lease_ttl`` from now. A lease that had already
         expired takes its slot back (the request is still running). Returns the new lease."""

@@ -143,11 +143,10 @@ def test_prefix_hash_ignores_what_follows_the_last_breakpoint() -> None:
     [
         lambda b: b["tools"][0].update(name="get_time"),
         lambda b: b["system"][0].update(text="another system prompt"),
-        lambda b: b["messages"][0]["content"][0].update(text="a different first question"),
-        lambda b: b["messages"][2]["content"][0].update(text="a different second question"),
+        lambda b: b["system"][0]["cache_control"].update(ttl="1h"),
         lambda b: b["messages"][2]["content"][0]["cache_control"].update(ttl="1h"),
     ],
-    ids=["tools", "system", "earlier message", "breakpoint block", "breakpoint ttl"],
+    ids=["tools", "system", "breakpoint ttl", "later breakpoint ttl"],
 )
 def test_prefix_hash_is_sensitive_to_the_prefix(change: Any) -> None:
     first = affinity_key(customer_id="c", headers={}, body=cached_body())
@@ -208,3 +207,75 @@ def test_malformed_bodies_never_raise(malformed: Any) -> None:
         customer_id="c", headers={"x-claude-code-session-id": "s"}, body=malformed
     )
     assert with_session is not None
+
+
+def conversation(turns: int, *, system_breakpoint: bool, opening: str = "first question") -> Any:
+    """A conversation after ``turns`` exchanges, marked the way multi-turn clients mark it: a
+    breakpoint on the latest user message (moving forward every turn), and optionally one on
+    the system prompt."""
+    b = body()
+    if system_breakpoint:
+        b["system"][0]["cache_control"] = dict(EPHEMERAL)
+    messages: list[dict[str, Any]] = []
+    for turn in range(turns + 1):
+        text = opening if turn == 0 else f"question {turn}"
+        messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        if turn < turns:
+            messages.append({"role": "assistant", "content": f"answer {turn}"})
+    messages[-1]["content"][-1]["cache_control"] = dict(EPHEMERAL)
+    b["messages"] = messages
+    return b
+
+
+@pytest.mark.parametrize("system_breakpoint", [True, False], ids=["system+last", "last only"])
+def test_a_conversation_keeps_its_key_as_its_breakpoint_moves(system_breakpoint: bool) -> None:
+    keys = {
+        affinity_key(
+            customer_id="c",
+            headers={},
+            body=conversation(turns, system_breakpoint=system_breakpoint),
+        )
+        for turns in range(5)
+    }
+    assert len(keys) == 1 and None not in keys
+
+
+def test_conversations_with_another_opening_get_another_key() -> None:
+    one = affinity_key(customer_id="c", headers={}, body=conversation(2, system_breakpoint=False))
+    other = affinity_key(
+        customer_id="c",
+        headers={},
+        body=conversation(2, system_breakpoint=False, opening="another first question"),
+    )
+    assert one is not None and other is not None and one != other
+    # with a cached system prompt, the system prompt is the shared cache: one key for both
+    shared = affinity_key(customer_id="c", headers={}, body=conversation(2, system_breakpoint=True))
+    assert shared == affinity_key(
+        customer_id="c",
+        headers={},
+        body=conversation(2, system_breakpoint=True, opening="another first question"),
+    )
+
+
+def test_a_breakpoint_in_the_first_message_keys_on_what_precedes_it() -> None:
+    """A cached document at the start of the first message, then a question that changes."""
+
+    def asking(question: str) -> dict[str, Any]:
+        b = body()
+        b["messages"] = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a long document " * 50, "cache_control": EPHEMERAL},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ]
+        return b
+
+    first = affinity_key(customer_id="c", headers={}, body=asking("what is it about?"))
+    assert first is not None
+    assert affinity_key(customer_id="c", headers={}, body=asking("who wrote it?")) == first
+    changed = asking("who wrote it?")
+    changed["messages"][0]["content"][0]["text"] = "another document"
+    assert affinity_key(customer_id="c", headers={}, body=changed) != first

@@ -9,6 +9,7 @@ cap; affinity; operator control. Runs on the embedded defaults and on PostgreSQL
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -475,7 +476,9 @@ def test_requests_without_an_affinity_key_spread(relay: RelayServer, fake: FakeU
     assert len(set(served)) == 3
 
 
-@pytest.mark.parametrize("source", ["session_header", "metadata_user_id", "cache_prefix"])
+@pytest.mark.parametrize(
+    "source", ["session_header", "metadata_user_id", "cache_prefix", "moving_breakpoint"]
+)
 def test_affinity_keeps_a_conversation_on_one_account(
     relay: RelayServer, fake: FakeUpstream, source: str
 ) -> None:
@@ -488,6 +491,17 @@ def test_affinity_keeps_a_conversation_on_one_account(
             return {"text": text, "extra_headers": {"X-Claude-Code-Session-Id": f"sess-{name}"}}
         if source == "metadata_user_id":
             return {"text": text, "metadata": {"user_id": f"user-{name}"}}
+        if source == "moving_breakpoint":
+            # A growing conversation that marks only its latest user message, as multi-turn
+            # clients do: the breakpoint moves forward every turn.
+            messages: list[dict[str, Any]] = []
+            for t in range(turn + 1):
+                opening = f"Let us talk about {name}. " * 20 if t == 0 else f"and then {t}?"
+                messages.append({"role": "user", "content": [{"type": "text", "text": opening}]})
+                if t < turn:
+                    messages.append({"role": "assistant", "content": f"answer {t}"})
+            messages[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+            return {"messages": messages}
         return {
             "system": [
                 {
@@ -582,3 +596,42 @@ def test_disable_enable_and_the_account_view(relay: RelayServer, fake: FakeUpstr
         assert admin.get(f"/admin/accounts/{a_id}").json()["id"] == a_id
         # the admin API needs the admin token
         assert httpx.get(f"{relay.url}/admin/accounts", timeout=10).status_code == 401
+
+
+# --- long streams ------------------------------------------------------------------------------
+
+
+def test_a_stream_longer_than_its_lease_keeps_its_slot(
+    relay: RelayServer, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease expires so that a crashed process cannot leak its slot; a live stream that
+    outlasts the expiry renews it, so the account's concurrency cap still counts it."""
+    relay.add_account("a", KEY_A, fake.url, max_concurrency=1)
+    monkeypatch.setattr(relay.services.scheduler, "_lease_ttl", 0.6)
+    _customer_id, key = relay.create_customer(balance_usd="5")
+    fake.fault(KEY_A, "slow_stream", delay=0.3)  # 8 events: ~2.1 s, 3.5 lease lifetimes
+    done: list[bytes] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST",
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key},
+            json={"model": MODEL, "max_tokens": 16, "stream": True,
+                  "messages": [{"role": "user", "content": "slow please"}]},
+            timeout=30,
+        ) as r:  # fmt: skip
+            done.append(b"".join(r.iter_raw()))
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    seen: list[int] = []
+    deadline = time.monotonic() + 1.6
+    time.sleep(0.3)
+    while time.monotonic() < deadline:  # well past the first expiry
+        seen.append(accounts(relay)["a"]["in_flight"])
+        time.sleep(0.2)
+    thread.join(timeout=30)
+    assert done and done[0].count(b"event: message_stop") == 1
+    assert seen and all(n == 1 for n in seen), seen
+    assert accounts(relay)["a"]["in_flight"] == 0

@@ -628,10 +628,13 @@ class Relay:
             return edge.render_json(opened.response.status_code, dict(headers), opened.body)
 
         if opened.response.headers.get("content-type", "").startswith("text/event-stream"):
+            renewal = self._keep_lease(opened)
             return RelayStream(
                 opened.response,
                 headers,
-                on_finish=lambda meter, end: self._finish_stream(billed, opened, meter, end),
+                on_finish=lambda meter, end: self._finish_stream(
+                    billed, opened, meter, end, renewal
+                ),
                 on_started=lambda meter: self._record_progress(billed, meter),
                 transform=edge.stream_transform(body),
             )
@@ -695,6 +698,22 @@ class Relay:
         headers.append(("x-poolrelay-cost-usd", format_usd(cost)))
         return edge.render_json(opened.response.status_code, dict(headers), content)
 
+    def _keep_lease(self, opened: Opened) -> asyncio.Task[None]:
+        """Renew a stream's lease every third of its lifetime while the stream runs, so a
+        stream longer than the lease's expiry keeps its concurrency slot (an expired lease
+        would free the slot while the upstream is still busy with the request)."""
+        scheduler = self.services.scheduler
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(scheduler.lease_ttl / 3)
+                try:
+                    await scheduler.renew(opened.lease)
+                except Exception:
+                    log.warning("could not renew the lease of a long stream", exc_info=True)
+
+        return asyncio.create_task(renew())
+
     def _end_lease(self, opened: Opened, *, success: bool) -> asyncio.Future[None]:
         """Start ending the request's lease (release + the response's headroom) in a batched
         Redis call; it runs while the settlement goes to the database."""
@@ -720,8 +739,14 @@ class Relay:
             log.warning("could not record stream progress for %s", billed.request_id, exc_info=True)
 
     async def _finish_stream(
-        self, billed: Billed, opened: Opened, meter: StreamMeter, end: StreamEnd
+        self,
+        billed: Billed,
+        opened: Opened,
+        meter: StreamMeter,
+        end: StreamEnd,
+        renewal: asyncio.Task[None],
     ) -> None:
+        renewal.cancel()
         ending = self._end_lease(opened, success=end.status == "ok")
         usage: Usage | None = None
         if meter.started:

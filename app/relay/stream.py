@@ -105,7 +105,7 @@ class RelayStream:
         try:
             await self.on_finish(self.meter, self.end)
         except Exception:
-            log.exception("settling a stream failed; reconciliation will finish it")
+            log.exception("finishing a stream failed")
 
     async def _pump(self, send: Send) -> None:
         started = time.monotonic()
