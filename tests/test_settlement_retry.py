@@ -63,6 +63,17 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def assert_released(relay: RelayServer, customer_id: str, request_id: str) -> None:
+    """The request's hold is given back, nothing is charged, and the log says it failed."""
+    wait_for(lambda: micros(relay.customer(customer_id)["held_usd"]) == 0)
+    assert relay.customer(customer_id)["balance_usd"] == "1.000000"
+    assert [e["kind"] for e in relay.ledger(customer_id)] == ["topup"]
+    with relay.admin() as admin:
+        row = admin.get(f"/admin/requests/{request_id}").json()
+    assert row["status"] == "failed"
+    assert row["cost_usd"] == "0.000000"
+
+
 def body(stream: bool) -> dict[str, Any]:
     return {
         "model": MODEL,
@@ -111,14 +122,7 @@ def test_a_withheld_json_answer_is_released_not_charged(relay: RelayServer, outa
     assert r.json()["error"]["type"] == "api_error"
     assert "not charged" in r.json()["error"]["message"]
 
-    wait_for(lambda: micros(relay.customer(customer_id)["held_usd"]) == 0)
-    customer = relay.customer(customer_id)
-    assert customer["balance_usd"] == "1.000000"
-    assert [e["kind"] for e in relay.ledger(customer_id)] == ["topup"]
-    with relay.admin() as admin:
-        row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
-    assert row["status"] == "failed"
-    assert row["cost_usd"] == "0.000000"
+    assert_released(relay, customer_id, r.headers["x-poolrelay-request-id"])
 
 
 def key_spend_held(relay: RelayServer, key_id: str) -> list[int]:
@@ -173,12 +177,7 @@ def test_a_hold_written_but_not_confirmed_is_released_with_its_budget(
     wait_for(lambda: key_spend_held(relay, created["id"]) == [0, 0])
     time.sleep(0.3)  # nothing more happens: the reservation is not given back twice
     assert key_spend_held(relay, created["id"]) == [0, 0]
-    customer = relay.customer(customer_id)
-    assert customer["balance_usd"] == "1.000000"
-    assert [e["kind"] for e in relay.ledger(customer_id)] == ["topup"]
-    with relay.admin() as admin:
-        row = admin.get(f"/admin/requests/{r.headers['x-poolrelay-request-id']}").json()
-    assert row["status"] == "failed"
+    assert_released(relay, customer_id, r.headers["x-poolrelay-request-id"])
 
 
 def retrying(relay: RelayServer, kind: str) -> float:
