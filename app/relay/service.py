@@ -150,6 +150,29 @@ def _usage_tokens(usage: Usage) -> int:
     return usage.input_tokens + usage.cache_creation_input_tokens + usage.output_tokens
 
 
+class LeaseRenewal:
+    """Calls ``renew`` every ``every`` seconds until cancelled: one timer on the loop, no task
+    (most streams end long before the first renewal is due)."""
+
+    __slots__ = ("_every", "_handle", "_renew")
+
+    def __init__(self, every: float, renew: Callable[[], None]) -> None:
+        self._every = every
+        self._renew = renew
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            every, self._due
+        )
+
+    def _due(self) -> None:
+        self._renew()
+        self._handle = asyncio.get_running_loop().call_later(self._every, self._due)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Relay:
     retry_first_delay = 0.5
     """Seconds before a settlement that could not be written is tried again in the background
@@ -698,21 +721,19 @@ class Relay:
         headers.append(("x-poolrelay-cost-usd", format_usd(cost)))
         return edge.render_json(opened.response.status_code, dict(headers), content)
 
-    def _keep_lease(self, opened: Opened) -> asyncio.Task[None]:
+    def _keep_lease(self, opened: Opened) -> LeaseRenewal:
         """Renew a stream's lease every third of its lifetime while the stream runs, so a
         stream longer than the lease's expiry keeps its concurrency slot (an expired lease
         would free the slot while the upstream is still busy with the request)."""
         scheduler = self.services.scheduler
 
         async def renew() -> None:
-            while True:
-                await asyncio.sleep(scheduler.lease_ttl / 3)
-                try:
-                    await scheduler.renew(opened.lease)
-                except Exception:
-                    log.warning("could not renew the lease of a long stream", exc_info=True)
+            try:
+                await scheduler.renew(opened.lease)
+            except Exception:
+                log.warning("could not renew the lease of a long stream", exc_info=True)
 
-        return asyncio.create_task(renew())
+        return LeaseRenewal(scheduler.lease_ttl / 3, lambda: self._spawn(renew()))
 
     def _end_lease(self, opened: Opened, *, success: bool) -> asyncio.Future[None]:
         """Start ending the request's lease (release + the response's headroom) in a batched
@@ -744,7 +765,7 @@ class Relay:
         opened: Opened,
         meter: StreamMeter,
         end: StreamEnd,
-        renewal: asyncio.Task[None],
+        renewal: LeaseRenewal,
     ) -> None:
         renewal.cancel()
         ending = self._end_lease(opened, success=end.status == "ok")
