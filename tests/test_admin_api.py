@@ -6,6 +6,7 @@ both backends. Money is compared as exact decimal strings / integer micro-USD, n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import secrets
@@ -1413,3 +1414,38 @@ def test_garbage_never_produces_a_500(
             assert body["type"] == "error" and body["error"]["type"], what
     assert not problems, "\n".join(problems)
     assert_balance_is_ledger_sum(admin, cid)
+
+
+def test_a_write_is_committed_before_its_answer_is_sent(
+    relay: RelayServer, admin: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 201 for a top-up must mean the top-up is in the ledger: the admin request's
+    transaction commits before the response leaves. Commits are made slow here, so that an
+    answer sent before its commit would be read, from another connection, ahead of it."""
+    import sqlalchemy as sa
+
+    from app.db import sync_url
+
+    db = relay.services.db
+    transaction = db.transaction
+
+    @contextlib.asynccontextmanager
+    async def slow_commit() -> Any:
+        async with transaction() as session:
+            yield session
+            await asyncio.sleep(0.5)  # the commit happens when this block exits
+
+    customer = new_customer(admin)
+    monkeypatch.setattr(db, "transaction", slow_commit)
+    response = topup(admin, customer["id"], "10")
+    assert response.status_code == 201
+    engine = sa.create_engine(sync_url(relay.settings.database_url))
+    try:
+        with engine.connect() as conn:
+            entries = conn.execute(
+                sa.text("SELECT count(*) FROM ledger_entries WHERE customer_id = :c"),
+                {"c": customer["id"]},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert entries == 1

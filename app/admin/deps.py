@@ -34,7 +34,11 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": the transaction commits when the route returns and BEFORE the response is
+# sent. FastAPI's default for a dependency with yield ends it after the response has gone out,
+# so a client could be told 201 for a top-up whose commit then failed, or read the row before
+# it is visible.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 Limit = Annotated[int, Query(ge=1, le=100)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
