@@ -30,7 +30,9 @@ def clock(seconds: float) -> SimpleNamespace:
 @given(st.integers(0, 2**50 - 1), st.binary(min_size=10, max_size=10))
 def test_matches_the_plain_encoding(millis: int, rand: bytes) -> None:
     with (
-        mock.patch.object(ids, "time", clock(millis / 1000 + 0.0001)),
+        # half a millisecond in: far from both millisecond edges even where a float of
+        # seconds is coarsest in this range (2**50 ms: 1/4096 s between floats)
+        mock.patch.object(ids, "time", clock(millis / 1000 + 0.0005)),
         mock.patch.object(ids, "secrets", SimpleNamespace(token_bytes=lambda n: rand)),
     ):
         made = ids.new_id("req")
