@@ -308,11 +308,8 @@ class Relay:
         )
         try:
             placement = await self._place_hold(hold)
-        except BillingError:  # refused: nothing was held
-            await self._undo_reservation(key, reservation)
-            raise
-        except BaseException:
-            self.resolve_hold_later(request_id, key, reservation)
+        except BaseException as exc:
+            await self._hold_not_placed(exc, request_id, key, reservation)
             raise
         billed = Billed(
             request_id,
@@ -339,6 +336,20 @@ class Relay:
         async with self.services.db.transaction() as session:
             await holds.place(session, hold)
         return None
+
+    async def _hold_not_placed(
+        self,
+        exc: BaseException,
+        request_id: str,
+        key: KeyContext,
+        reservation: Reservation | None,
+    ) -> None:
+        """After a hold's placement raised: a refusal held nothing, so its budget reservation
+        goes back now; any other failure may have left the hold written (resolved later)."""
+        if isinstance(exc, BillingError):
+            await self._undo_reservation(key, reservation)
+        else:
+            self.resolve_hold_later(request_id, key, reservation)
 
     def resolve_hold_later(
         self, request_id: str, key: KeyContext, reservation: Reservation | None
@@ -412,11 +423,8 @@ class Relay:
         try:
             await billed.placement
             return None
-        except BillingError as exc:
-            await self._undo_reservation(billed.key, billed.reservation)
-            return exc
         except Exception as exc:
-            self.resolve_hold_later(billed.request_id, billed.key, billed.reservation)
+            await self._hold_not_placed(exc, billed.request_id, billed.key, billed.reservation)
             return exc
 
     def touch(self, key: KeyContext) -> None:

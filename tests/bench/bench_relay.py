@@ -554,18 +554,19 @@ def run_load(
     try:
         if reader.line(budget) != "ready":
             raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
-        measure_rss = rss_pid is not None
-        pid = rss_pid if rss_pid is not None else os.getpid()
-        reset_peak_rss(pid)
-        sampler = RssSampler(pid)
-        with sampler:
+        sampler = RssSampler(rss_pid) if rss_pid is not None else None
+        if rss_pid is not None:
+            reset_peak_rss(rss_pid)
+        hwm = 0
+        with sampler or contextlib.nullcontext():
             before = watch.snapshot(proc.pid)
             proc.stdin.write(b"go\n")
             proc.stdin.flush()
             if reader.line(budget) != "done":
                 raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
             after = watch.snapshot(proc.pid)
-            hwm = proc_status_kb(pid, "VmHWM") or 0
+            if rss_pid is not None:
+                hwm = proc_status_kb(rss_pid, "VmHWM") or 0
         result_line = reader.line(30)
         if result_line is None:
             raise RuntimeError(f"load generator failed: {errlog.read_text(errors='replace')}")
@@ -584,7 +585,7 @@ def run_load(
         cpu=cpu,
         others=max(0.0, (after.machine - before.machine) - ours),
         steal=max(0.0, after.steal - before.steal),
-        peak_rss_kb=max(hwm, sampler.peak_kb) if measure_rss else None,
+        peak_rss_kb=max(hwm, sampler.peak_kb) if sampler is not None else None,
     )
 
 
