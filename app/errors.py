@@ -20,7 +20,9 @@ from collections.abc import Mapping
 import orjson
 from starlette.responses import Response
 
+from app.relay.openai import anthropic_error_to_openai
 from billing import errors as be
+from billing.ids import new_id
 from billing.money import format_usd
 from pool import errors as pe
 
@@ -141,20 +143,59 @@ def to_api_error(exc: Exception) -> ApiError:
     return ApiError(500, "api_error", "Internal server error")
 
 
-def error_body(err: ApiError, request_id: str | None = None) -> bytes:
-    body: dict[str, object] = {"type": "error", "error": {"type": err.type, "message": err.message}}
-    if request_id:
-        body["request_id"] = request_id
+def should_retry(status: int) -> bool:
+    """``x-should-retry`` as Anthropic sends it: retry 408, 409, 429 and every 5xx (529 too);
+    never 400, 401, 403, 404 or 413 (a wrong key must make a client stop at once)."""
+    return status in (408, 409, 429) or status >= 500
+
+
+def relay_headers(
+    request_id: str | None, status: int, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Headers of a response the relay makes itself: ``request-id`` and
+    ``x-poolrelay-request-id`` (the same id, so the SDKs' ``request_id`` is set) and, on an
+    error, ``x-should-retry`` (unless the error already decided it)."""
+    request_id = request_id or new_id("req")
+    headers = dict(extra or {})
+    headers["request-id"] = request_id
+    headers["x-poolrelay-request-id"] = request_id
+    if status >= 400:
+        headers.setdefault("x-should-retry", "true" if should_retry(status) else "false")
+    return headers
+
+
+def error_body(err: ApiError, request_id: str) -> bytes:
+    body: dict[str, object] = {
+        "type": "error",
+        "error": {"type": err.type, "message": err.message},
+        "request_id": request_id,
+    }
     return orjson.dumps(body)
 
 
 def anthropic_response(err: ApiError, request_id: str | None = None) -> Response:
-    headers = dict(err.headers)
-    if request_id:
-        headers["x-poolrelay-request-id"] = request_id
+    headers = relay_headers(request_id, err.status, err.headers)
     return Response(
-        error_body(err, request_id),
+        error_body(err, headers["request-id"]),
         status_code=err.status,
         headers=headers,
         media_type="application/json",
     )
+
+
+def openai_response(err: ApiError, request_id: str | None = None) -> Response:
+    """The same error in OpenAI's shape ``{"error": {message, type, param, code}}`` (for
+    ``/v1/chat/completions`` and OpenAI clients of ``/v1/models``); same status and headers."""
+    headers = relay_headers(request_id, err.status, err.headers)
+    body = anthropic_error_to_openai(
+        err.status, {"type": "error", "error": {"type": err.type, "message": err.message}}
+    )
+    return Response(
+        orjson.dumps(body), status_code=err.status, headers=headers, media_type="application/json"
+    )
+
+
+def error_response(
+    err: ApiError, request_id: str | None = None, *, openai: bool = False
+) -> Response:
+    return openai_response(err, request_id) if openai else anthropic_response(err, request_id)

@@ -118,6 +118,7 @@ class Outcome:
     account_id: str | None = None
     upstream_request_id: str | None = None
     attempts: int = 0
+    accounts_tried: list[str] = field(default_factory=list)
     error: str | None = None
     ttfb_ms: int | None = None
     duration_ms: int | None = None
@@ -132,6 +133,7 @@ class Outcome:
             "account_id": self.account_id,
             "upstream_request_id": self.upstream_request_id,
             "attempts": self.attempts,
+            "accounts_tried": ",".join(self.accounts_tried)[:1000] or None,
             "error": _clip(self.error),
             "ttfb_ms": self.ttfb_ms,
             "duration_ms": self.duration_ms,

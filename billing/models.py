@@ -221,6 +221,8 @@ class RequestRecord(SQLModel, table=True):
     cache_read_tokens: int = Field(default=0, sa_type=sa.BigInteger)
     upstream_request_id: str | None = Field(default=None, max_length=200)
     attempts: int = 0
+    accounts_tried: str | None = Field(default=None, max_length=1000)
+    """Every account an attempt went to, in order, comma-separated (the last one answered)."""
     error: str | None = Field(default=None, max_length=1000)
     instance_id: str | None = Field(default=None, max_length=64)
     started_at: datetime = _ts()

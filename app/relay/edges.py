@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import orjson
+from starlette.datastructures import Headers
 from starlette.responses import Response
 
 from app import errors
@@ -25,6 +26,13 @@ from app.relay.openai import (
 )
 from app.relay.sse import SSEParser
 from app.relay.stream import StreamTransform
+
+ANTHROPIC_VERSION = "2023-06-01"
+"""The API version of every request the relay builds itself (spec §3.1: required)."""
+
+OPENAI_DROPPED = frozenset({"content-type", "accept"})
+"""Request headers of an OpenAI client that describe its own body and answer, not the
+Messages request the relay sends in its place."""
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -50,6 +58,11 @@ class Edge:
 
     def forward_bytes(self, raw: bytes, body: dict[str, Any], edited: bool) -> bytes:
         return orjson.dumps(body) if edited else raw
+
+    def upstream_headers(self, incoming: Headers) -> list[tuple[str, str]]:
+        """The customer's request headers to forward (credentials and hop-by-hop headers are
+        dropped later, by the pool's upstream client)."""
+        return incoming.items()
 
     def render_error(self, err: ApiError, request_id: str | None) -> Response:
         return errors.anthropic_response(err, request_id)
@@ -106,19 +119,21 @@ class OpenAIEdge(Edge):
     def forward_bytes(self, raw: bytes, body: dict[str, Any], edited: bool) -> bytes:
         return orjson.dumps(body)
 
+    def upstream_headers(self, incoming: Headers) -> list[tuple[str, str]]:
+        """A request the relay builds itself: it carries what Anthropic requires
+        (``anthropic-version`` first among them) and nothing of OpenAI's own protocol."""
+        out = [
+            (name, value)
+            for name, value in incoming.items()
+            if name not in OPENAI_DROPPED and not name.startswith("openai-")
+        ]
+        if "anthropic-version" not in incoming:  # an explicit choice (extra_headers) stands
+            out.append(("anthropic-version", ANTHROPIC_VERSION))
+        out += [("content-type", "application/json"), ("accept", "application/json")]
+        return out
+
     def render_error(self, err: ApiError, request_id: str | None) -> Response:
-        body = anthropic_error_to_openai(
-            err.status, {"type": "error", "error": {"type": err.type, "message": err.message}}
-        )
-        headers = dict(err.headers)
-        if request_id:
-            headers["x-poolrelay-request-id"] = request_id
-        return Response(
-            orjson.dumps(body),
-            status_code=err.status,
-            headers=headers,
-            media_type="application/json",
-        )
+        return errors.openai_response(err, request_id)
 
     def render_json(self, status: int, headers: dict[str, str], content: bytes) -> Response:
         headers.pop("content-type", None)

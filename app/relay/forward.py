@@ -39,6 +39,15 @@ log = logging.getLogger("poolrelay.relay")
 
 
 @dataclass
+class Trace:
+    """What the attempts of one request did, filled in as they go (so the caller has it also
+    when every attempt failed): how many were made and the account each went to."""
+
+    attempts: int = 0
+    accounts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Opened:
     """An upstream response whose status line is in hand (the body is not read yet)."""
 
@@ -50,6 +59,7 @@ class Opened:
     ttfb_ms: int
     body: bytes | None = None  # read already when the answer is an error
     failures: list[str] = field(default_factory=list)
+    trace: Trace = field(default_factory=Trace)
 
 
 def _reset_until(headers: Mapping[str, str], now: float) -> float | None:
@@ -91,13 +101,15 @@ async def open_upstream(
     affinity: tuple[str, int] | None,
     started: float,
     gate: Awaitable[None] | None = None,
+    trace: Trace | None = None,
 ) -> Opened:
     """Lease an account and send the request to it, failing over before the first byte.
 
     ``gate`` (the request's hold, still being placed) is awaited after the first lease and
     before anything is sent, so the two round trips overlap; when it raises, the lease is given
-    back and its error propagates.
+    back and its error propagates. ``trace`` collects the attempts made.
     """
+    trace = trace if trace is not None else Trace()
     settings = services.settings
     deadline = started + settings.request_deadline
     exclude: set[str] = set()
@@ -133,6 +145,8 @@ async def open_upstream(
                 await services.scheduler.release(lease)
                 raise
             gate = None
+        trace.attempts = attempt
+        trace.accounts.append(account.id)
         url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
         timeout_left = max(1.0, deadline - time.monotonic())
         sent = time.monotonic()
@@ -162,14 +176,31 @@ async def open_upstream(
         if response.status_code < 400:
             # Headroom from a success is stored when the request ends (Scheduler.finish: one
             # Redis call for lease, headroom and breaker).
-            return Opened(response, account, lease, attempt, Verdict.OK, ttfb_ms, failures=failures)
+            return Opened(
+                response,
+                account,
+                lease,
+                attempt,
+                Verdict.OK,
+                ttfb_ms,
+                failures=failures,
+                trace=trace,
+            )
         await services.scheduler.record_headers(account.id, response.headers, now)
         body = await response.aread()
         await response.aclose()
         verdict = classify(response.status_code, body)
         if verdict is Verdict.CUSTOMER_ERROR:
             return Opened(
-                response, account, lease, attempt, verdict, ttfb_ms, body=body, failures=failures
+                response,
+                account,
+                lease,
+                attempt,
+                verdict,
+                ttfb_ms,
+                body=body,
+                failures=failures,
+                trace=trace,
             )
         await services.scheduler.release(lease)
         info = parse_error(body)

@@ -85,6 +85,19 @@ class ModelCatalog:
         return candidates
 
     @staticmethod
+    def resolve(models: list[dict[str, Any]], model_id: str) -> dict[str, Any] | None:
+        """The model named ``model_id``: its exact id, else the newest dated id of an alias
+        (``claude-haiku-4-5`` → ``claude-haiku-4-5-20251001``), as Anthropic resolves it."""
+        dated: list[dict[str, Any]] = []
+        for model in models:
+            if model["id"] == model_id:
+                return model
+            rest = model["id"][len(model_id) + 1 :]
+            if model["id"].startswith(model_id + "-") and rest.isdigit():
+                dated.append(model)
+        return max(dated, key=lambda m: str(m["id"])) if dated else None
+
+    @staticmethod
     def page(models: list[dict[str, Any]], params: Mapping[str, str]) -> dict[str, Any]:
         try:
             limit = max(1, min(1000, int(params.get("limit", "20"))))

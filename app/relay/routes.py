@@ -15,7 +15,7 @@ from starlette.routing import BaseRoute, Route
 from app import errors
 from app.errors import ApiError, to_api_error
 from app.relay.edges import OpenAIEdge, parse_json_object
-from app.relay.forward import open_upstream, read_and_release
+from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
 from app.relay.service import Relay, check_model_allowed, read_body
@@ -23,15 +23,26 @@ from app.state import Services
 from billing import usage as usage_repo
 from billing.customers import KeyContext, get_customer
 from billing.errors import BillingError
+from billing.holds import Outcome
 from billing.ids import new_id
 from billing.money import format_usd
+from billing.request_log import Entry
 from pool.errors import PoolError
 from pool.upstream import customer_headers
 
 log = logging.getLogger("poolrelay.api")
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(
+    data: Any,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+    *,
+    request_id: str | None = None,
+) -> Response:
+    """A JSON answer; one the relay makes itself for a customer carries its request id."""
+    if request_id is not None:
+        headers = errors.relay_headers(request_id, status, headers)
     return Response(
         orjson.dumps(data), status_code=status, headers=headers, media_type="application/json"
     )
@@ -53,13 +64,19 @@ class CustomerApi:
         return await self.relay.handle(request, OpenAIEdge())
 
     async def count_tokens(self, request: Request) -> Response:
+        """Relayed to an account and free: a request-log row at cost 0, nothing held."""
         request_id = new_id("req")
+        started = time.monotonic()
+        key: KeyContext | None = None
+        model: str | None = None
+        trace = Trace()
         try:
             key = await self._auth(request)
             raw = await read_body(request, self.services.settings.max_body_bytes)
             body = parse_json_object(raw)
-            model = body.get("model")
-            if not isinstance(model, str) or not model:
+            found = body.get("model")
+            model = found if isinstance(found, str) else None
+            if not model:
                 raise errors.invalid_request("model: Field required (a model id string)")
             if not isinstance(body.get("messages"), list):
                 raise errors.invalid_request("messages: Field required (a list of messages)")
@@ -74,48 +91,113 @@ class CustomerApi:
                 model=model,
                 expected_tokens=0,
                 affinity=None,
-                started=time.monotonic(),
+                started=started,
+                trace=trace,
             )
         except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
+            err = to_api_error(exc)
+            if key is not None:
+                await self._log_free(
+                    request_id,
+                    key,
+                    "count_tokens",
+                    model,
+                    started,
+                    Outcome(
+                        status="refused" if not trace.attempts else "failed",
+                        http_status=err.status,
+                        error=err.message,
+                        attempts=trace.attempts,
+                        accounts_tried=trace.accounts,
+                        account_id=trace.accounts[-1] if trace.accounts else None,
+                    ),
+                )
+            return errors.anthropic_response(err, request_id)
         content = await read_and_release(self.services, opened)
+        status = opened.response.status_code
+        await self._log_free(
+            request_id,
+            key,
+            "count_tokens",
+            model,
+            started,
+            Outcome(
+                status="ok" if status < 400 else "rejected",
+                http_status=status,
+                account_id=opened.account.id,
+                attempts=opened.attempts,
+                accounts_tried=opened.trace.accounts,
+                upstream_request_id=opened.response.headers.get("request-id"),
+                error=content[:500].decode("utf-8", "replace") if status >= 400 else None,
+                ttfb_ms=opened.ttfb_ms,
+            ),
+        )
         headers = dict(customer_headers(opened.response.headers))
         headers["x-poolrelay-request-id"] = request_id
-        return Response(content, status_code=opened.response.status_code, headers=headers)
+        return Response(content, status_code=status, headers=headers)
+
+    async def _log_free(
+        self,
+        request_id: str,
+        key: KeyContext,
+        endpoint: str,
+        model: str | None,
+        started: float,
+        outcome: Outcome,
+    ) -> None:
+        outcome.duration_ms = int((time.monotonic() - started) * 1000)
+        await self.relay.record_unbilled(
+            Entry(
+                request_id=request_id,
+                customer_id=key.customer_id,
+                key_id=key.key_id,
+                endpoint=endpoint,
+                requested_model=model,
+                instance_id=self.services.instance_id,
+                outcome=outcome,
+            )
+        )
 
     async def list_models(self, request: Request) -> Response:
         request_id = new_id("req")
+        openai = is_openai_client(request.headers)
         try:
             key = await self._auth(request)
             models = await self.catalog.for_key(key)
         except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
-        if is_openai_client(request.headers):
-            return json_response(models_to_openai(models))
-        return json_response(ModelCatalog.page(models, request.query_params))
+            return errors.error_response(to_api_error(exc), request_id, openai=openai)
+        if openai:
+            return json_response(models_to_openai(models), request_id=request_id)
+        return json_response(ModelCatalog.page(models, request.query_params), request_id=request_id)
 
     async def get_model(self, request: Request) -> Response:
+        """One model by id or alias (``claude-haiku-4-5`` answers with the dated model it
+        resolves to, as Anthropic does); a model the key may not use is not found."""
         request_id = new_id("req")
+        openai = is_openai_client(request.headers)
+        model_id = request.path_params["model_id"]
         try:
             key = await self._auth(request)
             models = await self.catalog.for_key(key)
+            aliases = await self.services.aliases.get()
         except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
-        model_id = request.path_params["model_id"]
-        for model in models:
-            if model["id"] == model_id:
-                if is_openai_client(request.headers):
-                    return json_response(models_to_openai([model])["data"][0])
-                return json_response(model)
-        return errors.anthropic_response(errors.not_found(f"model: {model_id}"), request_id)
+            return errors.error_response(to_api_error(exc), request_id, openai=openai)
+        model = ModelCatalog.resolve(models, aliases.get(model_id, model_id))
+        if model is None:
+            err = errors.not_found(f"model: {model_id}")
+            return errors.error_response(err, request_id, openai=openai)
+        if openai:
+            return json_response(models_to_openai([model])["data"][0], request_id=request_id)
+        return json_response(model, request_id=request_id)
 
     async def me(self, request: Request) -> Response:
+        request_id = new_id("req")
         try:
             key = await self._auth(request)
             async with self.services.db.transaction() as session:
                 customer = await get_customer(session, key.customer_id)
         except (ApiError, BillingError) as exc:
-            return errors.anthropic_response(to_api_error(exc))
+            return errors.anthropic_response(to_api_error(exc), request_id)
         policy = key.policy
         return json_response(
             {
@@ -136,10 +218,12 @@ class CustomerApi:
                     else None,
                     "expires_at": policy.expires_at.isoformat() if policy.expires_at else None,
                 },
-            }
+            },
+            request_id=request_id,
         )
 
     async def me_usage(self, request: Request) -> Response:
+        request_id = new_id("req")
         try:
             key = await self._auth(request)
             query = usage_repo.UsageQuery.from_params(
@@ -149,8 +233,8 @@ class CustomerApi:
             async with self.services.db.transaction() as session:
                 result = await usage_repo.totals(session, query)
         except (ApiError, BillingError) as exc:
-            return errors.anthropic_response(to_api_error(exc))
-        return json_response(result)
+            return errors.anthropic_response(to_api_error(exc), request_id)
+        return json_response(result, request_id=request_id)
 
     async def probe(self, request: Request) -> Response:
         if request.method == "HEAD":
@@ -158,8 +242,9 @@ class CustomerApi:
         return json_response({"name": "poolrelay", "ok": True})
 
     async def not_found(self, request: Request) -> Response:
-        return errors.anthropic_response(
-            errors.not_found(f"Not found: {request.method} {request.url.path}")
+        return errors.error_response(
+            errors.not_found(f"Not found: {request.method} {request.url.path}"),
+            openai=is_openai_client(request.headers),
         )
 
 
@@ -186,8 +271,9 @@ def customer_routes() -> list[BaseRoute]:
                 return await getattr(request.app.state.customer_api, name)(request)
             except Exception:
                 log.exception("unexpected error on %s %s", request.method, request.url.path)
-                return errors.anthropic_response(
-                    errors.ApiError(500, "api_error", "Internal server error")
+                return errors.error_response(
+                    errors.ApiError(500, "api_error", "Internal server error"),
+                    openai=is_openai_client(request.headers),
                 )
 
         endpoint.__name__ = name

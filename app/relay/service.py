@@ -36,11 +36,11 @@ from app.errors import to_api_error
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge
-from app.relay.forward import Opened, open_upstream
+from app.relay.forward import Opened, Trace, open_upstream
 from app.relay.sse import StreamMeter
 from app.relay.stream import RelayStream, StreamEnd
 from app.state import Services
-from billing import budgets, holds
+from billing import budgets, holds, request_log
 from billing.budgets import Budget, Reservation
 from billing.customers import KeyContext, touch_key
 from billing.errors import BillingError, BudgetExceeded, NoPrice
@@ -50,7 +50,9 @@ from billing.holds_pg import PLACE_TIMEOUT_SECONDS
 from billing.ids import new_id
 from billing.money import format_usd
 from billing.pricing import Price, Usage, cost_micros
+from billing.request_log import Entry
 from pool.affinity import affinity_key
+from pool.errors import PoolError
 from pool.upstream import customer_headers
 
 log = logging.getLogger("poolrelay.relay")
@@ -560,6 +562,8 @@ class Relay:
         request_id = new_id("req")
         started = time.monotonic()
         notes: dict[str, str] = {}
+        key: KeyContext | None = None
+        body: dict[str, Any] | None = None
         try:
             key = await self.services.keys.authenticate(request.headers)
             self.touch(key)
@@ -573,13 +577,24 @@ class Relay:
                 request_id, key, body, raw, endpoint=edge.endpoint, started=started, notes=notes
             )
         except Exception as exc:  # expected refusals, and failures (the database unreachable)
-            return self._refuse(exc, request_id, edge, notes)
+            return await self._refuse(exc, request_id, edge, notes, key, body, started)
         self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
         return await self.forward_billed(request, billed, body, forward, edge)
 
-    def _refuse(self, exc: Exception, request_id: str, edge: Edge, notes: dict[str, str]) -> Any:
-        """A request turned away before anything was held or sent."""
+    async def _refuse(
+        self,
+        exc: Exception,
+        request_id: str,
+        edge: Edge,
+        notes: dict[str, str],
+        key: KeyContext | None,
+        body: dict[str, Any] | None,
+        started: float,
+    ) -> Any:
+        """A request turned away before anything was held or sent. An authenticated one gets
+        its request-log row (status code and reason) when the refusal is certain: a failure
+        that may have left a hold written keeps that hold's own row."""
         err = to_api_error(exc)
         if err.status == 500:
             log.error("request %s refused by an unexpected error", request_id, exc_info=exc)
@@ -591,8 +606,40 @@ class Relay:
             status="refused",
             http_status=err.status,
             error=err.message,
+            customer_id=key.customer_id if key else None,
+            key_id=key.key_id if key else None,
         )
+        if key is not None and isinstance(exc, errors.ApiError | BillingError | PoolError):
+            model = body.get("model") if body is not None else None
+            await self.record_unbilled(
+                Entry(
+                    request_id=request_id,
+                    customer_id=key.customer_id,
+                    key_id=key.key_id,
+                    endpoint=edge.endpoint,
+                    requested_model=model if isinstance(model, str) else None,
+                    stream=bool(body.get("stream")) if body is not None else False,
+                    instance_id=self.services.instance_id,
+                    outcome=Outcome(
+                        status="refused",
+                        http_status=err.status,
+                        error=err.message,
+                        duration_ms=int((time.monotonic() - started) * 1000),
+                    ),
+                )
+            )
         return edge.render_error(err, request_id)
+
+    async def record_unbilled(self, entry: Entry) -> None:
+        """The request-log row of a request that held nothing (best effort: a log row never
+        turns an answer into an error)."""
+        try:
+            async with self.services.db.transaction() as session:
+                await request_log.record(session, entry)
+        except Exception:
+            log.warning(
+                "could not write the request-log row of %s", entry.request_id, exc_info=True
+            )
 
     async def messages(self, request: Request) -> Any:
         return await self.handle(request, Edge())
@@ -609,13 +656,14 @@ class Relay:
             # (Under load the hold waits for the next batch anyway; yielding would only queue
             # this request behind all the others.)
             await asyncio.sleep(0)
+        trace = Trace()
         try:
             opened = await open_upstream(
                 services,
                 method="POST",
                 path="/v1/messages",
                 query=request.scope["query_string"].decode("latin-1"),
-                headers=request.headers.items(),
+                headers=edge.upstream_headers(request.headers),
                 content=raw,
                 model=billed.requested_model,
                 expected_tokens=billed.expected_tokens,
@@ -624,17 +672,27 @@ class Relay:
                 ),
                 started=billed.started,
                 gate=billed.placement,
+                trace=trace,
             )
         except Exception as exc:
             refusal = await self._placement_error(billed)
             if refusal is not None:  # no hold: the balance (or the customer) said no
-                return self._refuse(refusal, request_id, edge, billed.headers)
+                return await self._refuse(
+                    refusal, request_id, edge, billed.headers, billed.key, body, billed.started
+                )
             api_error = to_api_error(exc)
             if api_error.status == 500:
                 log.exception("request %s failed before reaching the upstream", request_id)
             await self._release_quietly(
                 billed,
-                Outcome(status="failed", http_status=api_error.status, error=api_error.message),
+                Outcome(
+                    status="failed",
+                    http_status=api_error.status,
+                    error=api_error.message,
+                    attempts=trace.attempts,
+                    accounts_tried=trace.accounts,
+                    account_id=trace.accounts[-1] if trace.accounts else None,
+                ),
             )
             api_error.headers = {**billed.headers, **api_error.headers}
             return edge.render_error(api_error, request_id)
@@ -651,6 +709,7 @@ class Relay:
                     http_status=opened.response.status_code,
                     account_id=opened.account.id,
                     attempts=opened.attempts,
+                    accounts_tried=opened.trace.accounts,
                     upstream_request_id=opened.response.headers.get("request-id"),
                     error=opened.body[:500].decode("utf-8", "replace"),
                     ttfb_ms=opened.ttfb_ms,
@@ -680,6 +739,7 @@ class Relay:
             http_status=opened.response.status_code,
             account_id=opened.account.id,
             attempts=opened.attempts,
+            accounts_tried=opened.trace.accounts,
             upstream_request_id=opened.response.headers.get("request-id"),
             ttfb_ms=opened.ttfb_ms,
         )
@@ -790,6 +850,7 @@ class Relay:
             http_status=200,
             account_id=opened.account.id,
             attempts=opened.attempts,
+            accounts_tried=opened.trace.accounts,
             upstream_request_id=opened.response.headers.get("request-id"),
             error=end.error,
             ttfb_ms=opened.ttfb_ms,
