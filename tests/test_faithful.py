@@ -16,7 +16,11 @@ from tests.harness import FakeUpstream, RelayServer
 CRED_A = "sk-ant-api03-faithful-a"
 CRED_B = "sk-ant-api03-faithful-b"
 V = {"anthropic-version": "2023-06-01"}
-BODY = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+BODY = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from app.relay.edges import OpenAIEdge, parse_json_object
 from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
-from app.relay.service import Relay, check_model_allowed, read_body
+from app.relay.service import Relay, check_model_allowed, check_model_id, read_body
 from app.state import Services
 from billing import usage as usage_repo
 from billing.customers import KeyContext, get_customer
@@ -76,8 +76,7 @@ class CustomerApi:
             body = parse_json_object(raw)
             found = body.get("model")
             model = found if isinstance(found, str) else None
-            if not model:
-                raise errors.invalid_request("model: Field required (a model id string)")
+            check_model_id(found)
             if not isinstance(body.get("messages"), list):
                 raise errors.invalid_request("messages: Field required (a list of messages)")
             check_model_allowed(key, model)

@@ -61,7 +61,7 @@ PROGRESS_TTL = 86_400
 TOUCH_INTERVAL = 60.0
 RETRY_MAX_DELAY = 30.0
 
-__all__ = ["Relay", "check_model_allowed", "model_matches", "read_body"]
+__all__ = ["Relay", "check_model_allowed", "check_model_id", "model_matches", "read_body"]
 
 
 def progress_key(request_id: str) -> str:
@@ -86,10 +86,26 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def validate_messages_body(body: dict[str, Any]) -> None:
-    model = body.get("model")
+MODEL_MAX_CHARS = 200
+"""The longest model id the relay takes (and the request log stores)."""
+
+
+def check_model_id(model: Any) -> str:
+    """A model id the relay can price, log and forward: a non-empty string of at most
+    ``MODEL_MAX_CHARS`` characters without NUL or control characters."""
     if not isinstance(model, str) or not model:
         raise errors.invalid_request("model: Field required (a model id string)")
+    if len(model) > MODEL_MAX_CHARS:
+        raise errors.invalid_request(
+            f"model: String should have at most {MODEL_MAX_CHARS} characters"
+        )
+    if not model.isprintable():
+        raise errors.invalid_request("model: must not contain control characters")
+    return model
+
+
+def validate_messages_body(body: dict[str, Any]) -> None:
+    check_model_id(body.get("model"))
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise errors.invalid_request("max_tokens: Field required (a positive integer)")
@@ -139,6 +155,8 @@ class Billed:
     """The hold while it is still being placed (PostgreSQL: group commit). Nothing is sent
     upstream before it resolves; None when the hold was placed before admit returned."""
     reservation: Reservation | None = None
+    max_tokens: int = 0
+    """The request's output cap: no estimate of its output may exceed it."""
 
 
 def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
@@ -326,6 +344,7 @@ class Relay:
             expected,
             placement,
             reservation,
+            int(body["max_tokens"]),
         )
         return billed, edited
 
@@ -448,9 +467,17 @@ class Relay:
     # -- settlement -----------------------------------------------------------------------------
 
     async def settle(
-        self, billed: Billed, usage: Usage | None, model: str | None, outcome: Outcome
+        self,
+        billed: Billed,
+        usage: Usage | None,
+        model: str | None,
+        outcome: Outcome,
+        *,
+        estimate: bool = False,
     ) -> int:
-        """Charge what the upstream reported; 0 (a release) when nothing was used."""
+        """Charge what the upstream reported; 0 (a release) when nothing was used. A charge
+        the relay estimated (a stream cut short) never exceeds the hold: only what the
+        upstream itself reports may cost more than was held."""
         cost = 0
         if usage is not None:
             price = billed.price
@@ -458,6 +485,8 @@ class Relay:
                 book = await self.services.prices.get()
                 price = book.match(model) or billed.price
             cost = cost_micros(usage, price, billed.key.price_multiplier)
+            if estimate:
+                cost = min(cost, billed.hold_micros)
         outcome.model = model or outcome.model
         if outcome.duration_ms is None:
             outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
@@ -495,7 +524,13 @@ class Relay:
             return await holds.settle(session, request_id, usage, cost, outcome)
 
     def settle_later(
-        self, billed: Billed, usage: Usage | None, model: str | None, outcome: Outcome
+        self,
+        billed: Billed,
+        usage: Usage | None,
+        model: str | None,
+        outcome: Outcome,
+        *,
+        estimate: bool = False,
     ) -> None:
         """Keep trying, in the background, a settlement that could not be written (the
         database was unreachable): until it lands the hold keeps the customer's money reserved
@@ -505,7 +540,7 @@ class Relay:
         process's (charged from the stream's recorded progress, or released)."""
 
         async def attempt() -> None:
-            await self.settle(billed, usage, model, outcome)
+            await self.settle(billed, usage, model, outcome, estimate=estimate)
             if usage is not None:
                 await self._forget_progress(billed.request_id)
 
@@ -838,13 +873,17 @@ class Relay:
         renewal.cancel()
         ending = self._end_lease(opened, success=end.status == "ok")
         usage: Usage | None = None
+        estimate = False
         if meter.started:
             usage = meter.usage
             if not meter.stopped:
                 # Partial stream: input and cache from message_start, output from the last
                 # message_delta or, when larger, an estimate from the deltas relayed so far.
+                # Never more than the request allowed the model to write.
                 estimated = max(usage.output_tokens, meter.estimated_output_tokens())
+                estimated = min(estimated, billed.max_tokens) if billed.max_tokens else estimated
                 usage = dataclasses.replace(usage, output_tokens=estimated)
+                estimate = True
         outcome = Outcome(
             status=end.status,
             http_status=200,
@@ -856,12 +895,12 @@ class Relay:
             ttfb_ms=opened.ttfb_ms,
         )
         try:
-            await self.settle(billed, usage, meter.model, outcome)
+            await self.settle(billed, usage, meter.model, outcome, estimate=estimate)
         except Exception:
             # The bytes were delivered: the charge stands and is written when the database
             # answers again (the stream's progress record stays until then, for a crash).
             log.exception("settlement of stream %s failed; retrying it", billed.request_id)
-            self.settle_later(billed, usage, meter.model, outcome)
+            self.settle_later(billed, usage, meter.model, outcome, estimate=estimate)
             return
         finally:
             await self._lease_ended(ending)
