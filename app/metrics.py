@@ -82,6 +82,12 @@ class Metrics:
         self.charged = Counter(
             "poolrelay_charged_microusd", "Micro-USD charged to customers", registry=r
         )
+        self.charged_without_hold = Counter(
+            "poolrelay_charged_without_hold",
+            "Delivered answers charged after their hold had been released (the balance may dip"
+            " below zero)",
+            registry=r,
+        )
         self.discrepancies = Gauge(
             "poolrelay_reconciliation_discrepancies",
             "Differences found by the last reconciliation",

@@ -23,12 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from billing import budgets, ledger
 from billing.budgets import Reservation
 from billing.errors import CustomerNotFound, CustomerSuspended, InsufficientBalance
-from billing.models import Customer, Hold, RequestRecord, utcnow
+from billing.models import Customer, Hold, LedgerEntry, RequestRecord, utcnow
 from billing.pricing import Usage
 
 _customers = Customer.__table__  # type: ignore[attr-defined]
 _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
+_ledger = LedgerEntry.__table__  # type: ignore[attr-defined]
 NO_BUDGET = Reservation(0, None, None)
 
 
@@ -193,6 +194,48 @@ async def settle(
         values["model"] = outcome.model
     if outcome.response_body is not None:
         values["response_body"] = outcome.response_body
+    if usage is not None:
+        values.update(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cache_write_5m_tokens=usage.cache_write_5m_tokens,
+            cache_write_1h_tokens=usage.cache_write_1h_tokens,
+            cache_read_tokens=usage.cache_read_input_tokens,
+        )
+    await session.execute(sa.update(_log).where(_log.c.id == request_id).values(**values))
+    return True
+
+
+async def charge_without_hold(
+    session: AsyncSession,
+    request_id: str,
+    customer_id: str,
+    usage: Usage | None,
+    cost_micros: int,
+    outcome: Outcome,
+) -> bool:
+    """Charge a delivered answer whose hold is gone (released by a reconciliation that took
+    this process for dead, e.g. after Redis lost its heartbeats): the answer was delivered, so
+    the charge stands even though the balance may dip below zero. Idempotent by request id: a
+    usage entry already in the ledger for it (a settlement or reconciliation that did charge)
+    makes this a no-op. Returns whether it charged."""
+    charged = await session.execute(
+        sa.select(_ledger.c.id).where(_ledger.c.request_id == request_id, _ledger.c.kind == "usage")
+    )
+    if charged.first() is not None or cost_micros <= 0:
+        return False
+    await ledger.append(session, customer_id, "usage", -cost_micros, request_id=request_id)
+    values: dict[str, Any] = {
+        **outcome.log_values(),
+        "cost_micros": cost_micros,
+        "finished_at": utcnow(),
+        "error": _clip(
+            "charged without its hold (the hold had been released)"
+            + (f"; {outcome.error}" if outcome.error else "")
+        ),
+    }
+    if outcome.model is not None:
+        values["model"] = outcome.model
     if usage is not None:
         values.update(
             input_tokens=usage.input_tokens,

@@ -93,3 +93,58 @@ def test_model_ids_the_database_could_refuse_are_a_400(
     assert all(
         r["requested_model"] is not None and "\x00" not in r["requested_model"] for r in rows
     )
+
+
+def test_a_delivered_stream_whose_hold_was_released_is_still_charged_once(
+    relay: RelayServer, fake: FakeUpstream
+) -> None:
+    """Reconciliation took the relay for dead (Redis lost its heartbeat) and released the hold
+    of a live stream: the stream's own settlement charges it all the same, once."""
+    from billing import holds
+
+    relay.add_account("a", CRED, fake.url)
+    customer_id, key = relay.create_customer(balance_usd="1")
+    fake.fault(CRED, "slow_stream", delay=0.05)
+    request = {
+        "model": MODEL,
+        "max_tokens": 50,
+        "stream": True,
+        "messages": [{"role": "user", "content": "reply with 10 words"}],
+    }
+    services = relay.services
+
+    async def release(request_id: str) -> bool:
+        async with services.db.transaction() as session:
+            return await holds.release(session, request_id, holds.Outcome(status="crashed"))
+
+    with httpx.stream(
+        "POST",
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=request,
+        timeout=30,
+    ) as r:
+        request_id = r.headers["x-poolrelay-request-id"]
+        chunks = r.iter_raw()
+        seen = next(chunks)
+        while b"message_start" not in seen:
+            seen += next(chunks)
+        assert relay.call(lambda: release(request_id))
+        assert relay.customer(customer_id)["held_usd"] == "0.000000"
+        for chunk in chunks:
+            seen += chunk
+    assert b"message_stop" in seen
+    deadline = time.monotonic() + 10
+    debits: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not debits:
+        debits = [e for e in relay.ledger(customer_id) if e["kind"] == "usage"]
+        time.sleep(0.05)
+    assert [d["request_id"] for d in debits] == [request_id]
+    customer = relay.customer(customer_id)
+    assert customer["held_usd"] == "0.000000"
+    ledger = relay.ledger(customer_id)
+    assert micros(customer["balance_usd"]) == sum(micros(str(e["amount_usd"])) for e in ledger)
+    with relay.admin() as admin:
+        row = admin.get(f"/admin/requests/{request_id}").raise_for_status().json()
+    assert row["cost_usd"] == str(debits[0]["amount_usd"]).lstrip("-")
+    assert "without its hold" in row["error"]

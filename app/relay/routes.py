@@ -76,7 +76,7 @@ class CustomerApi:
             body = parse_json_object(raw)
             found = body.get("model")
             model = found if isinstance(found, str) else None
-            check_model_id(found)
+            model = check_model_id(found)
             if not isinstance(body.get("messages"), list):
                 raise errors.invalid_request("messages: Field required (a list of messages)")
             check_model_allowed(key, model)

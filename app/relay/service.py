@@ -492,12 +492,14 @@ class Relay:
             outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
         for attempt in range(3):
             try:
-                await self._write_settlement(billed.request_id, usage, cost, outcome)
+                found = await self._write_settlement(billed.request_id, usage, cost, outcome)
                 break
             except Exception:
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
+        if not found and cost > 0:
+            cost = await self._charge_without_hold(billed, usage, cost, outcome)
         if cost > billed.hold_micros:
             log.warning(
                 "request %s cost %s above its hold %s", billed.request_id, cost, billed.hold_micros
@@ -510,6 +512,26 @@ class Relay:
                 )
             except Exception:
                 log.debug("could not correct the key's token window", exc_info=True)
+        return cost
+
+    async def _charge_without_hold(
+        self, billed: Billed, usage: Usage | None, cost: int, outcome: Outcome
+    ) -> int:
+        """A delivered answer whose hold is gone: charge it all the same (idempotent by request
+        id). Returns what this call charged: 0 when the ledger already had the charge (an
+        earlier attempt of this settlement, or a reconciliation, made it)."""
+        async with self.services.db.transaction() as session:
+            charged = await holds.charge_without_hold(
+                session, billed.request_id, billed.key.customer_id, usage, cost, outcome
+            )
+        if not charged:
+            return 0
+        self.services.metrics.charged_without_hold.inc()
+        log.warning(
+            "request %s was charged %s µUSD without its hold (the hold had been released)",
+            billed.request_id,
+            cost,
+        )
         return cost
 
     async def _write_settlement(
