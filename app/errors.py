@@ -140,7 +140,60 @@ def to_api_error(exc: Exception) -> ApiError:
         return invalid_request(str(exc))
     if isinstance(exc, be.BillingError | pe.PoolError):
         return invalid_request(str(exc))
+    dependency = unreachable_dependency(exc)
+    if dependency is not None:
+        return ApiError(
+            529,
+            "overloaded_error",
+            f"poolrelay cannot reach its {dependency} right now; nothing was charged. "
+            "Retry shortly.",
+        )
     return ApiError(500, "api_error", "Internal server error")
+
+
+_DEPENDENCIES = (
+    ("redis", "Redis"),
+    ("fakeredis", "Redis"),
+    ("psycopg", "database"),
+    ("sqlalchemy", "database"),
+    ("aiosqlite", "database"),
+    ("sqlite3", "database"),
+)
+
+
+_OUTAGE_ERRORS = frozenset(
+    {
+        "OperationalError",
+        "InterfaceError",
+        "DisconnectionError",
+        "ConnectionError",
+        "TimeoutError",
+        "PoolTimeout",
+        "PoolClosed",
+        "BusyLoadingError",
+        "ReadOnlyError",
+    }
+)
+"""Exception class names that mean the dependency is down or restarting (not that a statement
+was wrong: a data error stays a 500 and is logged)."""
+
+
+def unreachable_dependency(exc: BaseException) -> str | None:
+    """ "database" or "Redis" when ``exc`` (or what caused it) is that dependency failing (an
+    outage, a restart), else None: the customer is told to retry, not shown a bare 500."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        module = type(seen).__module__
+        if type(seen).__name__ in _OUTAGE_ERRORS:
+            for prefix, name in _DEPENDENCIES:
+                if module == prefix or module.startswith(prefix + "."):
+                    return name
+        if isinstance(seen, ConnectionError | TimeoutError):
+            return "database or Redis"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def should_retry(status: int) -> bool:

@@ -248,3 +248,33 @@ def test_unauthenticated_requests_leave_no_row(
     before = len(requests_log(relay))
     httpx.post(f"{relay.url}/v1/messages", headers=V, json=BODY)
     assert len(requests_log(relay)) == before
+
+
+# --- outages -------------------------------------------------------------------------------
+
+
+def test_an_unreachable_dependency_is_a_retryable_overload_not_a_bare_500(
+    pool: tuple[RelayServer, FakeUpstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    from app.errors import to_api_error
+
+    relay, _fake, key = pool
+    for exc in (
+        redis.exceptions.ConnectionError("Connection refused"),
+        sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError()),
+    ):
+
+        async def down(exc: Exception = exc) -> Any:
+            raise exc
+
+        monkeypatch.setattr(relay.services.prices, "get", down)
+        with _client(relay, key) as c:
+            body = _assert_relay_error(c.post("/v1/messages", json=BODY), 529, "true")
+        assert body["error"]["type"] == "overloaded_error"
+        assert "retry" in body["error"]["message"].lower()
+    # a statement the database refused on its merits is not an outage
+    refused = sqlalchemy.exc.IntegrityError("INSERT", {}, ValueError("duplicate"))
+    assert to_api_error(refused).status == 500
