@@ -45,6 +45,7 @@ class HoldRequest:
     stream: bool = False
     request_body: str | None = None
     budget: Reservation | None = None
+    session_id: str | None = None
     started_at: datetime = field(default_factory=utcnow)
 
 
@@ -100,6 +101,7 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
             instance_id=hold.instance_id,
             started_at=hold.started_at,
             request_body=hold.request_body,
+            session_id=hold.session_id,
         )
     )
 

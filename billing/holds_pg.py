@@ -69,9 +69,10 @@ WITH c AS (
 ), l AS (
   INSERT INTO request_log (id, customer_id, key_id, endpoint, requested_model, stream, status,
     hold_micros, cost_micros, input_tokens, output_tokens, cache_write_5m_tokens,
-    cache_write_1h_tokens, cache_read_tokens, attempts, instance_id, started_at, request_body)
+    cache_write_1h_tokens, cache_read_tokens, attempts, instance_id, started_at, request_body,
+    session_id)
   SELECT %(request_id)s, c.id, %(key_id)s, %(endpoint)s, %(model)s, %(stream)s, 'in_flight',
-    %(amount)s, 0, 0, 0, 0, 0, 0, 0, %(instance_id)s, %(now)s, %(body)s FROM c
+    %(amount)s, 0, 0, 0, 0, 0, 0, 0, %(instance_id)s, %(now)s, %(body)s, %(session_id)s FROM c
 )
 SELECT count(*) FROM c
 """
@@ -119,9 +120,9 @@ WITH i AS (
     %(request_id)s::text[], %(customer_id)s::text[], %(key_id)s::text[], %(amount)s::bigint[],
     %(instance_id)s::text[], %(budget)s::bigint[], %(budget_day)s::text[],
     %(budget_month)s::text[], %(now)s::timestamptz[], %(endpoint)s::text[], %(model)s::text[],
-    %(stream)s::boolean[], %(body)s::text[]
+    %(stream)s::boolean[], %(body)s::text[], %(session_id)s::text[]
   ) AS t(request_id, customer_id, key_id, amount, instance_id, budget, budget_day, budget_month,
-    now, endpoint, model, stream, body)
+    now, endpoint, model, stream, body, session_id)
 ), s AS (
   SELECT customer_id, sum(amount)::bigint AS total FROM i GROUP BY customer_id
 ), c AS (
@@ -140,9 +141,10 @@ WITH i AS (
 ), l AS (
   INSERT INTO request_log (id, customer_id, key_id, endpoint, requested_model, stream, status,
     hold_micros, cost_micros, input_tokens, output_tokens, cache_write_5m_tokens,
-    cache_write_1h_tokens, cache_read_tokens, attempts, instance_id, started_at, request_body)
+    cache_write_1h_tokens, cache_read_tokens, attempts, instance_id, started_at, request_body,
+    session_id)
   SELECT request_id, customer_id, key_id, endpoint, model, stream, 'in_flight', amount, 0, 0, 0,
-    0, 0, 0, 0, instance_id, now, body FROM a
+    0, 0, 0, 0, instance_id, now, body, session_id FROM a
 )
 SELECT id FROM c
 """
@@ -234,6 +236,7 @@ def _place_params(hold: HoldRequest) -> dict[str, Any]:
         "model": hold.requested_model,
         "stream": hold.stream,
         "body": hold.request_body,
+        "session_id": hold.session_id,
         "budget": budget.amount_micros,
         "budget_day": budget.day,
         "budget_month": budget.month,

@@ -222,6 +222,9 @@ class RequestRecord(SQLModel, table=True):
     upstream_request_id: str | None = Field(default=None, max_length=200)
     attempts: int = 0
     accounts_tried: str | None = Field(default=None, max_length=1000)
+    session_id: str | None = Field(default=None, max_length=200)
+    """The client's session (Claude Code's ``x-claude-code-session-id``, or the session part
+    of ``metadata.user_id``)."""
     """Every account an attempt went to, in order, comma-separated (the last one answered)."""
     error: str | None = Field(default=None, max_length=1000)
     instance_id: str | None = Field(default=None, max_length=64)

@@ -36,6 +36,7 @@ class Entry:
     requested_model: str | None = None
     stream: bool = False
     instance_id: str | None = None
+    session_id: str | None = None
     started_at: datetime = field(default_factory=utcnow)
 
 
@@ -54,6 +55,7 @@ async def record(session: AsyncSession, entry: Entry) -> bool:
         "hold_micros": 0,
         "cost_micros": 0,
         "instance_id": entry.instance_id,
+        "session_id": entry.session_id,
         "started_at": entry.started_at,
         "finished_at": utcnow(),
     }

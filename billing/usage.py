@@ -264,6 +264,7 @@ def request_view(row: RequestRecord, *, with_bodies: bool) -> dict[str, Any]:
         "upstream_request_id": row.upstream_request_id,
         "attempts": row.attempts,
         "accounts_tried": row.accounts_tried.split(",") if row.accounts_tried else [],
+        "session_id": row.session_id,
         "error": row.error,
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["LONG_TTL", "SESSION_HEADER", "SHORT_TTL", "affinity_key"]
+__all__ = ["LONG_TTL", "SESSION_HEADER", "SHORT_TTL", "affinity_key", "session_id"]
 
 SESSION_HEADER = "x-claude-code-session-id"
 SHORT_TTL = 300
@@ -65,6 +65,36 @@ def _user_id(body: Mapping[str, Any]) -> str | None:
         if isinstance(user_id, str) and user_id:
             return user_id
     return None
+
+
+SESSION_MAX_CHARS = 200
+
+
+def session_id(headers: Mapping[str, str], body: Mapping[str, Any] | None) -> str | None:
+    """The client's session: the ``x-claude-code-session-id`` header, else the session part
+    of ``metadata.user_id`` in Claude Code's formats (``user_<hex>_account_<uuid>_session_<uuid>``,
+    or the JSON string ``{"device_id", "account_uuid", "session_id"}``), else None. A value the
+    request log could not store (over 200 characters, control characters) counts as none."""
+    value = _session_header(headers)
+    if value is None and body is not None:
+        user_id = _user_id(body)
+        if user_id is not None:
+            value = _session_in_user_id(user_id)
+    if value is None or len(value) > SESSION_MAX_CHARS or not value.isprintable():
+        return None
+    return value
+
+
+def _session_in_user_id(user_id: str) -> str | None:
+    if user_id.startswith("{"):
+        try:
+            parsed = orjson.loads(user_id)
+        except orjson.JSONDecodeError:
+            return None
+        found = parsed.get("session_id") if isinstance(parsed, dict) else None
+        return found if isinstance(found, str) and found else None
+    _, marker, rest = user_id.rpartition("_session_")
+    return rest if marker and rest else None
 
 
 def _marker(block: Any) -> Mapping[str, Any] | None:

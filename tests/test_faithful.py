@@ -9,6 +9,7 @@ import socket
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.harness import FakeUpstream, RelayServer
@@ -278,3 +279,39 @@ def test_an_unreachable_dependency_is_a_retryable_overload_not_a_bare_500(
     # a statement the database refused on its merits is not an outage
     refused = sqlalchemy.exc.IntegrityError("INSERT", {}, ValueError("duplicate"))
     assert to_api_error(refused).status == 500
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+
+def test_session_id_from_header_or_claude_codes_user_id() -> None:
+    from pool.affinity import session_id
+
+    sid = "2f1c4a8e-0d5b-4f7e-9a41-6c2b8e3d7f10"
+    assert session_id({"x-claude-code-session-id": sid}, None) == sid
+    legacy = {"metadata": {"user_id": f"user_{'ab' * 32}_account__session_{sid}"}}
+    assert session_id({}, legacy) == sid
+    as_json = orjson.dumps({"device_id": "d", "account_uuid": "", "session_id": sid}).decode()
+    assert session_id({}, {"metadata": {"user_id": as_json}}) == sid
+    assert session_id({"X-Claude-Code-Session-Id": "h"}, legacy) == "h"  # the header wins
+    assert session_id({}, {"metadata": {"user_id": "opaque-user"}}) is None
+    assert session_id({"x-claude-code-session-id": "x" * 201}, None) is None
+    assert session_id({"x-claude-code-session-id": "a\x00b"}, None) is None
+
+
+def test_the_request_log_names_the_session(pool: tuple[RelayServer, FakeUpstream, str]) -> None:
+    relay, _fake, key = pool
+    sid = "7d0e9c1b-3a2f-4e5d-8c6b-1a2b3c4d5e6f"
+    with _client(relay, key, **{"x-claude-code-session-id": sid}) as c:
+        ok = c.post("/v1/messages", json=BODY)
+        refused = c.post("/v1/messages", json={**BODY, "model": "no-such-model"})
+        counted = c.post(
+            "/v1/messages/count_tokens",
+            json={"model": BODY["model"], "messages": BODY["messages"]},
+        )
+    with _client(relay, key) as c:
+        user_id = f"user_{'cd' * 32}_account__session_{sid}"
+        by_body = c.post("/v1/messages", json={**BODY, "metadata": {"user_id": user_id}})
+    rows = {r["id"]: r for r in requests_log(relay)}
+    for response in (ok, refused, counted, by_body):
+        assert rows[response.headers["x-poolrelay-request-id"]]["session_id"] == sid

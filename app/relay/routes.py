@@ -27,6 +27,7 @@ from billing.holds import Outcome
 from billing.ids import new_id
 from billing.money import format_usd
 from billing.request_log import Entry
+from pool.affinity import session_id
 from pool.errors import PoolError
 from pool.upstream import customer_headers
 
@@ -69,6 +70,7 @@ class CustomerApi:
         started = time.monotonic()
         key: KeyContext | None = None
         model: str | None = None
+        body: dict[str, Any] | None = None
         trace = Trace()
         try:
             key = await self._auth(request)
@@ -110,6 +112,7 @@ class CustomerApi:
                         accounts_tried=trace.accounts,
                         account_id=trace.accounts[-1] if trace.accounts else None,
                     ),
+                    session_id(request.headers, body),
                 )
             return errors.anthropic_response(err, request_id)
         content = await read_and_release(self.services, opened)
@@ -130,6 +133,7 @@ class CustomerApi:
                 error=content[:500].decode("utf-8", "replace") if status >= 400 else None,
                 ttfb_ms=opened.ttfb_ms,
             ),
+            session_id(request.headers, body),
         )
         headers = dict(customer_headers(opened.response.headers))
         headers["x-poolrelay-request-id"] = request_id
@@ -143,6 +147,7 @@ class CustomerApi:
         model: str | None,
         started: float,
         outcome: Outcome,
+        session: str | None,
     ) -> None:
         outcome.duration_ms = int((time.monotonic() - started) * 1000)
         await self.relay.record_unbilled(
@@ -153,6 +158,7 @@ class CustomerApi:
                 endpoint=endpoint,
                 requested_model=model,
                 instance_id=self.services.instance_id,
+                session_id=session,
                 outcome=outcome,
             )
         )

@@ -51,7 +51,7 @@ from billing.ids import new_id
 from billing.money import format_usd
 from billing.pricing import Price, Usage, cost_micros
 from billing.request_log import Entry
-from pool.affinity import affinity_key
+from pool.affinity import affinity_key, session_id
 from pool.errors import PoolError
 from pool.upstream import customer_headers
 
@@ -157,6 +157,7 @@ class Billed:
     reservation: Reservation | None = None
     max_tokens: int = 0
     """The request's output cap: no estimate of its output may exceed it."""
+    session_id: str | None = None
 
 
 def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
@@ -272,6 +273,7 @@ class Relay:
         endpoint: str,
         started: float,
         notes: dict[str, str],
+        client_session: str | None = None,
     ) -> tuple[Billed, bool]:
         """Reserve budgets and hold the balance. Returns (billed, body edited by a downgrade)."""
         model = str(body["model"])
@@ -325,6 +327,7 @@ class Relay:
             if self.services.settings.log_bodies
             else None,
             budget=reservation,
+            session_id=client_session,
         )
         try:
             placement = await self._place_hold(hold)
@@ -345,6 +348,7 @@ class Relay:
             placement,
             reservation,
             int(body["max_tokens"]),
+            client_session,
         )
         return billed, edited
 
@@ -631,10 +635,18 @@ class Relay:
             check_model_allowed(key, str(body["model"]))
             await self.limit(key, request_id, raw, notes)
             billed, downgraded = await self.admit(
-                request_id, key, body, raw, endpoint=edge.endpoint, started=started, notes=notes
+                request_id,
+                key,
+                body,
+                raw,
+                endpoint=edge.endpoint,
+                started=started,
+                notes=notes,
+                client_session=session_id(request.headers, body),
             )
         except Exception as exc:  # expected refusals, and failures (the database unreachable)
-            return await self._refuse(exc, request_id, edge, notes, key, body, started)
+            session = session_id(request.headers, body)
+            return await self._refuse(exc, request_id, edge, notes, key, body, started, session)
         self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
         return await self.forward_billed(request, billed, body, forward, edge)
@@ -648,6 +660,7 @@ class Relay:
         key: KeyContext | None,
         body: dict[str, Any] | None,
         started: float,
+        session: str | None,
     ) -> Any:
         """A request turned away before anything was held or sent. An authenticated one gets
         its request-log row (status code and reason) when the refusal is certain: a failure
@@ -677,6 +690,7 @@ class Relay:
                     requested_model=model if isinstance(model, str) else None,
                     stream=bool(body.get("stream")) if body is not None else False,
                     instance_id=self.services.instance_id,
+                    session_id=session,
                     outcome=Outcome(
                         status="refused",
                         http_status=err.status,
@@ -735,7 +749,14 @@ class Relay:
             refusal = await self._placement_error(billed)
             if refusal is not None:  # no hold: the balance (or the customer) said no
                 return await self._refuse(
-                    refusal, request_id, edge, billed.headers, billed.key, body, billed.started
+                    refusal,
+                    request_id,
+                    edge,
+                    billed.headers,
+                    billed.key,
+                    body,
+                    billed.started,
+                    billed.session_id,
                 )
             api_error = to_api_error(exc)
             if api_error.status == 500:

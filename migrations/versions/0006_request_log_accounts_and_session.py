@@ -1,4 +1,4 @@
-"""request log: every account a request was tried on
+"""request log: every account a request was tried on, and the client's session
 
 Revision ID: 0006
 Revises: 0005
@@ -24,8 +24,12 @@ def upgrade() -> None:
                 "accounts_tried", sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=True
             )
         )
+        batch_op.add_column(
+            sa.Column("session_id", sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True)
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("request_log", schema=None) as batch_op:
+        batch_op.drop_column("session_id")
         batch_op.drop_column("accounts_tried")
