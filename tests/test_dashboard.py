@@ -12,7 +12,6 @@ import base64
 import hashlib
 import os
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from tests.harness import ADMIN_TOKEN, FakeUpstream, RelayServer
+from tests.system import require_program
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PRIMARY_KEY = "sk-ant-api03-dashboard-primary-0001"
@@ -47,13 +47,17 @@ CHROMIUM_FLAGS = [
 
 
 def chromium_binary() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.fail(
-            "the dashboard test needs headless Chromium: install Debian's chromium package "
-            "(apt-get update && apt-get install -y chromium)"
-        )
-    return found
+    """Debian's ``chromium``: the test skips without it (fails under ``POOLRELAY_CI=1``)."""
+    return require_program(
+        ("chromium", "chromium-browser"),
+        install_hint="apt-get update && apt-get install -y chromium",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _chromium() -> str:
+    """Look for the browser before any server or data is set up."""
+    return chromium_binary()
 
 
 def run_chromium(url: str, workdir: Path, screenshot: Path | None = None) -> str:
