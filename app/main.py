@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from app import errors
+from app import embedded_redis, errors
 from app.admin import accounts as admin_accounts
 from app.admin import aliases as admin_aliases
 from app.admin import customers as admin_customers
@@ -35,6 +35,7 @@ from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
 from app.errors import ApiError, to_api_error
 from app.metrics import Snapshot
+from app.relay import cors
 from app.relay.routes import CustomerApi, customer_routes, json_response
 from app.relay.service import Relay
 from app.settings import Settings
@@ -116,6 +117,12 @@ class PoolrelayApp(FastAPI):
             path = scope["path"]
             if is_customer_path(path):
                 scope["app"] = self
+                if path.startswith("/v1/"):
+                    answer = cors.preflight(scope) or cors.refusal(scope)
+                    if answer is not None:
+                        await answer(scope, receive, send)
+                        return
+                    send = cors.allowing(scope, send)
                 if scope["method"] == "POST" and path in HOT_ROUTES:
                     # The relay endpoints, without routing or Starlette's per-request wrappers.
                     api: CustomerApi = self.state.customer_api
@@ -195,12 +202,15 @@ def create_app(
                 ),
                 asyncio.create_task(_every(3600, "rollup", lambda: tasks.rollup_usage(ctx))),
             ]
+        # memory://: serve this process's Redis to the command line (app/embedded_redis.py)
+        shared_redis = await embedded_redis.share(settings, services.redis)
         if freeze_gc:
             gc.collect()
             gc.freeze()
         try:
             yield
         finally:
+            await shared_redis.close()
             for task in background:
                 task.cancel()
             for task in background:

@@ -1,25 +1,45 @@
-"""Redis clients: a real server by URL, or an in-process fakeredis for ``memory://``."""
+"""Redis clients: a real server by URL, or an in-process fakeredis for ``memory://``.
+
+The in-process one keeps its :class:`fakeredis.FakeServer` at hand (``fake_server``), so that
+``serve`` can also serve the very same data to the command line (:mod:`app.embedded_redis`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
 from billing.group_commit import GroupCommit
+
+if TYPE_CHECKING:
+    from fakeredis import FakeServer
 
 Command = tuple[Any, ...]
 
 
 def make_redis(url: str) -> aioredis.Redis:
     if url.startswith("memory://"):
-        import fakeredis
-
-        client: Any = fakeredis.FakeAsyncRedis()
-        return client  # type: ignore[no-any-return]
+        return in_process_redis()
     client = aioredis.from_url(url, max_connections=500, health_check_interval=30)  # type: ignore[no-untyped-call]
     return client  # type: ignore[no-any-return]
+
+
+def in_process_redis() -> aioredis.Redis:
+    """A fakeredis client on a server of its own (``client.fake_server``)."""
+    import fakeredis
+
+    server = fakeredis.FakeServer(version=(7,))  # fakeredis's default for its async client
+    client: Any = fakeredis.FakeAsyncRedis(server=server)
+    client.fake_server = server
+    return client  # type: ignore[no-any-return]
+
+
+def fake_server_of(client: aioredis.Redis) -> FakeServer | None:
+    """The :class:`fakeredis.FakeServer` behind an in-process client, else None."""
+    server: FakeServer | None = getattr(client, "fake_server", None)
+    return server
 
 
 def pipelined(client: aioredis.Redis) -> GroupCommit[Command, Any]:

@@ -165,10 +165,13 @@ class Services:
         await self.db.dispose()
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, *, redis: aioredis.Redis | None = None) -> Services:
+    """``redis``: a client to use instead of one for ``REDIS_URL`` (the CLI passes the running
+    embedded server's, see :mod:`app.embedded_redis`)."""
     db = Database(settings.database_url, pool_size=settings.db_pool_size)
     cipher = CredentialCipher(load_encryption_keys(settings))
-    redis = make_redis(settings.redis_url)
+    if redis is None:
+        redis = make_redis(settings.redis_url)
 
     async def load_accounts() -> list[UpstreamAccount]:
         async with db.transaction() as session:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from app.admin.accounts import account_views
-from app.cli.common import CliError, read_credential, run
+from app.cli.common import CliError, read_credential, run, sees_live_state
 from app.settings import Settings
 from app.state import Services
 from pool import accounts as account_repo
 from pool.health import probe
+from pool.models import UpstreamAccount
 
 
 def register(sub: Any) -> None:
@@ -73,15 +75,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         async with services.db.transaction() as session:
             rows = await account_repo.list_accounts(session)
         views = await account_views(services, rows)
+        live = sees_live_state(services)
         for view, row in zip(views, rows, strict=True):
-            # Without access to the server's Redis (embedded mode), show the durable copy.
-            if (
-                view["status"] == "active"
-                and row.quarantine_reason
-                and services.settings.is_memory_redis
-            ):
-                view["status"] = "quarantined?"
-                view["quarantine_reason"] = row.quarantine_reason
+            view["live"] = live
+            if not live:
+                _durable_quarantine(view, row)
         return views
 
     views = run(settings, job)
@@ -91,6 +89,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     if not views:
         print("no accounts; add one with: poolrelay accounts add --name NAME < key-file")
         return 0
+    if not views[0]["live"]:
+        print(
+            "(no server is running: in-flight and headroom are unknown; "
+            "quarantines as last recorded in the database)"
+        )
     header = f"{'NAME':<20} {'ID':<28} {'STATUS':<12} {'REASON':<18} {'UNTIL':<25} {'IN-FLIGHT':>9}  {'HEADROOM':<24} FINGERPRINT"
     print(header)
     for v in views:
@@ -106,6 +109,21 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         if v["last_error"]:
             print(f"{'':<20} last error: {v['last_error']}")
     return 0
+
+
+def _durable_quarantine(view: dict[str, Any], row: UpstreamAccount) -> None:
+    """No server runs, so there is no live state: show the quarantine the database last
+    recorded, unless its time is up (a server starting now begins with none)."""
+    if view["status"] != "active" or not row.quarantine_reason:
+        return
+    until = row.quarantined_until
+    if until is not None and until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    if until is not None and until <= datetime.now(UTC):
+        return
+    view["status"] = "quarantined"
+    view["quarantine_reason"] = row.quarantine_reason
+    view["quarantined_until"] = until.isoformat() if until is not None else None
 
 
 def _status(status: str) -> Any:

@@ -1,4 +1,9 @@
-"""Helpers shared by the CLI commands: one Services per command, credential input."""
+"""Helpers shared by the CLI commands: one Services per command, credential input.
+
+On the embedded ``memory://`` Redis a command's Services use the running server's Redis when a
+server shares it (:mod:`app.embedded_redis`), so that it sees and changes the live pool state;
+with no server running, a throwaway in-process one (the database's durable copy is all there is).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,10 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import redis.asyncio as aioredis
+
+from app import embedded_redis
+from app.redis import fake_server_of
 from app.settings import Settings
 from app.state import Services, build_services
 from pool.crypto import Secret, validate_credential
@@ -26,11 +35,37 @@ async def services_for(settings: Settings) -> AsyncIterator[Services]:
         from app.migrate import upgrade
 
         await asyncio.to_thread(upgrade, settings.database_url)
-    services = build_services(settings)
+    redis = await server_redis(settings)
+    try:
+        services = build_services(settings, redis=redis)
+    except BaseException:
+        if redis is not None:
+            await redis.aclose()
+        raise
     try:
         yield services
     finally:
         await services.aclose()
+
+
+async def server_redis(settings: Settings) -> aioredis.Redis | None:
+    """On ``memory://``: the running embedded server's Redis, if a server shares one."""
+    if not settings.is_memory_redis:
+        return None
+    try:
+        return await embedded_redis.connect(settings)
+    except embedded_redis.Unreachable as exc:
+        print(
+            f"poolrelay: warning: cannot reach the running server's live pool state ({exc}); "
+            "using the database's copy",
+            file=sys.stderr,
+        )
+        return None
+
+
+def sees_live_state(services: Services) -> bool:
+    """False when the command runs on a throwaway in-process Redis (no server running)."""
+    return fake_server_of(services.redis) is None
 
 
 def run(settings: Settings, job: Callable[[Services], Awaitable[T]]) -> T:
