@@ -97,7 +97,7 @@ class ThreadServer:
 class FakeUpstream(ThreadServer):
     @classmethod
     def start(cls) -> FakeUpstream:
-        from app.fake_upstream import create_fake_app
+        from app.sandbox import create_fake_app
 
         server = cls(create_fake_app())
         server.start_thread()
@@ -119,6 +119,10 @@ class FakeUpstream(ThreadServer):
 
     def limits(self, key: str, **limits: Any) -> None:
         self.control("POST", "limits", json={"key": key, **limits})
+
+    def add_model(self, model_id: str, **fields: Any) -> None:
+        """One more model the sandbox knows (it refuses unknown ones, as Anthropic does)."""
+        self.control("POST", "models", json={"id": model_id, **fields})
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self.control("GET", "stats")

@@ -968,7 +968,10 @@ def test_prices_list_and_put(admin: httpx.Client) -> None:
 def test_new_price_row_prices_dated_ids_longest_prefix_wins(
     served: tuple[RelayServer, FakeUpstream, str], admin: httpx.Client
 ) -> None:
-    relay, _fake, _credential = served
+    relay, fake, _credential = served
+    # models the sandbox does not know (it refuses unknown models, as Anthropic does)
+    fake.add_model("claude-test-9-20990101")
+    fake.add_model("claude-test-9-20880101")
     customer = new_customer(admin)
     assert topup(admin, customer["id"], "100").status_code == 201
     key = new_key(admin, customer["id"])["key"]

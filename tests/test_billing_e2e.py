@@ -62,7 +62,11 @@ def test_200_concurrent_requests_against_a_balance_that_covers_20(
         async with httpx.AsyncClient(base_url=relay.url, timeout=60, limits=limits) as client:
 
             async def one() -> httpx.Response:
-                return await client.post("/v1/messages", headers={"x-api-key": key}, json=request)
+                return await client.post(
+                    "/v1/messages",
+                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                    json=request,
+                )
 
             async def watch() -> None:
                 async with httpx.AsyncClient(base_url=relay.url, timeout=30) as admin:
@@ -114,7 +118,10 @@ def test_json_cost_is_the_priced_upstream_usage(relay: RelayServer, fake: FakeUp
     costs = []
     for _ in range(2):  # the first writes the cache, the second reads it
         r = httpx.post(
-            f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=request, timeout=30
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=request,
+            timeout=30,
         )
         assert r.status_code == 200
         usage = Usage.from_api(r.json()["usage"])
@@ -136,7 +143,7 @@ def test_stream_settles_at_message_stop(relay: RelayServer, fake: FakeUpstream) 
     with httpx.stream(
         "POST",
         f"{relay.url}/v1/messages",
-        headers={"x-api-key": key},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
         json=body(stream=True),
         timeout=30,
     ) as r:
@@ -163,7 +170,11 @@ def test_client_disconnect_mid_stream_is_charged_for_what_was_used(
     fake.fault(UPSTREAM_KEY, "slow_stream", delay=0.2)
     request = body(max_tokens=200, stream=True, text="reply with 60 words")
     with httpx.stream(
-        "POST", f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=request, timeout=30
+        "POST",
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=request,
+        timeout=30,
     ) as r:
         request_id = r.headers["x-poolrelay-request-id"]
         seen = b""
@@ -204,7 +215,7 @@ def test_mid_stream_upstream_error_ends_with_one_error_event_and_is_charged(
     with httpx.stream(
         "POST",
         f"{relay.url}/v1/messages",
-        headers={"x-api-key": key},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
         json=body(stream=True),
         timeout=30,
     ) as r:
@@ -228,7 +239,10 @@ def test_failed_attempts_that_fail_over_are_never_charged(
     customer_id, key = relay.create_customer(balance_usd="1")
     for _ in range(4):
         r = httpx.post(
-            f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(), timeout=30
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=body(),
+            timeout=30,
         )
         assert r.status_code == 200
     ledger = assert_books_balance(relay, customer_id)
@@ -243,7 +257,7 @@ def test_refused_before_the_upstream_when_the_balance_is_short(
     customer_id, key = relay.create_customer(balance_usd="0.000100")
     r = httpx.post(
         f"{relay.url}/v1/messages",
-        headers={"x-api-key": key},
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
         json=body(max_tokens=1000),
         timeout=30,
     )
@@ -321,7 +335,11 @@ def test_sigkill_mid_stream_leaves_no_hold_and_charges_once(
         fake.fault(UPSTREAM_KEY, "slow_stream", delay=0.3)
         request = body(max_tokens=300, stream=True, text="reply with 100 words")
         with httpx.stream(
-            "POST", f"{url}/v1/messages", headers={"x-api-key": key}, json=request, timeout=30
+            "POST",
+            f"{url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=request,
+            timeout=30,
         ) as r:
             seen = b""
             for chunk in r.iter_raw():

@@ -51,7 +51,12 @@ def ask(relay: RelayServer, key: str, model: str = HAIKU, **extra: Any) -> httpx
         "messages": [{"role": "user", "content": "hi"}],
         **extra,
     }
-    return httpx.post(f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body, timeout=30)
+    return httpx.post(
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=body,
+        timeout=30,
+    )
 
 
 @pytest.fixture
@@ -143,7 +148,11 @@ def test_daily_budget_is_never_overshot_under_concurrency(pool: RelayServer) -> 
             }
 
             async def one() -> int:
-                r = await client.post("/v1/messages", headers={"x-api-key": key}, json=body)
+                r = await client.post(
+                    "/v1/messages",
+                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                    json=body,
+                )
                 return r.status_code
 
             return list(await asyncio.gather(*(one() for _ in range(60))))

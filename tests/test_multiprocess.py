@@ -136,7 +136,12 @@ def accounts(url: str) -> dict[str, dict[str, Any]]:
 
 
 def ask(url: str, key: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/messages", headers={"x-api-key": key}, json=REQUEST, timeout=30)
+    return httpx.post(
+        f"{url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=REQUEST,
+        timeout=30,
+    )
 
 
 # --- concurrent load and the books ------------------------------------------------------------
@@ -151,7 +156,9 @@ def load(urls: list[str], key: str, total: int) -> list[httpx.Response]:
 
             async def one(i: int) -> httpx.Response:
                 return await client.post(
-                    f"{urls[i % len(urls)]}/v1/messages", headers={"x-api-key": key}, json=REQUEST
+                    f"{urls[i % len(urls)]}/v1/messages",
+                    headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                    json=REQUEST,
                 )
 
             return list(await asyncio.gather(*(one(i) for i in range(total))))

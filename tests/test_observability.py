@@ -25,7 +25,9 @@ def test_metrics_after_traffic(relay: RelayServer, fake: FakeUpstream) -> None:
     for _ in range(2):
         assert (
             httpx.post(
-                f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body
+                f"{relay.url}/v1/messages",
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                json=body,
             ).status_code
             == 200
         )
@@ -62,7 +64,11 @@ def test_one_json_event_per_request_without_secrets(
         "messages": [{"role": "user", "content": "secret text"}],
     }
     with caplog.at_level(logging.INFO, logger="poolrelay.request"):
-        r = httpx.post(f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body)
+        r = httpx.post(
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=body,
+        )
     events = [rec for rec in caplog.records if getattr(rec, "event", None) == "request"]
     assert len(events) == 1
     line = JsonFormatter().format(events[0])
@@ -88,7 +94,11 @@ def test_failover_and_quarantine_metrics(relay: RelayServer, fake: FakeUpstream)
         "messages": [{"role": "user", "content": "hi"}],
     }
     assert (
-        httpx.post(f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body).status_code
+        httpx.post(
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=body,
+        ).status_code
         == 200
     )
     text = httpx.get(f"{relay.url}/metrics").text

@@ -616,7 +616,7 @@ def test_a_stream_longer_than_its_lease_keeps_its_slot(
         with httpx.stream(
             "POST",
             f"{relay.url}/v1/messages",
-            headers={"x-api-key": key},
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
             json={"model": MODEL, "max_tokens": 16, "stream": True,
                   "messages": [{"role": "user", "content": "slow please"}]},
             timeout=30,

@@ -237,7 +237,10 @@ def test_oversize_body_is_413(settings_env: dict[str, str], fake: FakeUpstream) 
             "messages": [{"role": "user", "content": "x" * 5000}],
         }
         response = httpx.post(
-            f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=big, timeout=30
+            f"{relay.url}/v1/messages",
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+            json=big,
+            timeout=30,
         )
         assert response.status_code == 413
         assert response.json()["error"]["type"] == "request_too_large"
@@ -249,7 +252,7 @@ def test_oversize_body_is_413(settings_env: dict[str, str], fake: FakeUpstream) 
 
         response = httpx.post(
             f"{relay.url}/v1/messages",
-            headers={"x-api-key": key},
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
             content=chunks(),
             timeout=30,  # type: ignore[arg-type]
         )
@@ -335,7 +338,7 @@ def test_raw_sse_through_the_relay_equals_the_upstream_bytes(relay: RelayServer)
         with httpx.stream(
             "POST",
             f"{relay.url}/v1/messages",
-            headers={"x-api-key": key},
+            headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
             json={"model": MODEL, "max_tokens": 100, "stream": True, "messages": []},
             timeout=30,
         ) as response:
@@ -388,7 +391,7 @@ def test_upstream_cookies_are_never_replayed(relay: RelayServer) -> None:
         for _ in range(3):
             r = httpx.post(
                 f"{relay.url}/v1/messages",
-                headers={"x-api-key": key},
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
                 json={
                     "model": MODEL,
                     "max_tokens": 5,

@@ -88,7 +88,11 @@ def test_a_delivered_stream_is_charged_once_the_database_answers(
 ) -> None:
     customer_id, key = relay.create_customer(balance_usd="1")
     with httpx.stream(
-        "POST", f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(True), timeout=30
+        "POST",
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=body(True),
+        timeout=30,
     ) as r:
         assert r.status_code == 200
         raw = b"".join(r.iter_raw())
@@ -116,7 +120,10 @@ def test_a_delivered_stream_is_charged_once_the_database_answers(
 def test_a_withheld_json_answer_is_released_not_charged(relay: RelayServer, outage: Outage) -> None:
     customer_id, key = relay.create_customer(balance_usd="1")
     r = httpx.post(
-        f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(False), timeout=30
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=body(False),
+        timeout=30,
     )
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "api_error"
@@ -191,7 +198,11 @@ def test_writes_being_retried_are_visible_in_metrics(relay: RelayServer, outage:
     outage.failures = 10**9  # the database stays away until the test brings it back
     customer_id, key = relay.create_customer(balance_usd="1")
     with httpx.stream(
-        "POST", f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body(True), timeout=30
+        "POST",
+        f"{relay.url}/v1/messages",
+        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+        json=body(True),
+        timeout=30,
     ) as r:
         b"".join(r.iter_raw())
     wait_for(lambda: retrying(relay, "settlement") == 1.0)

@@ -31,7 +31,9 @@ def test_rollup_moves_old_rows_and_keeps_every_total(
         body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
         assert (
             httpx.post(
-                f"{relay.url}/v1/messages", headers={"x-api-key": key}, json=body
+                f"{relay.url}/v1/messages",
+                headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                json=body,
             ).status_code
             == 200
         )

@@ -117,7 +117,7 @@ def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
-    from app.fake_upstream import run as run_fake
+    from app.sandbox import run as run_fake
 
     print(
         f"fake upstream on http://{args.host}:{args.port} (control API under /_fake/)", flush=True
