@@ -192,6 +192,18 @@ async def settle(
         "cost_micros": cost_micros,
         "finished_at": utcnow(),
     }
+    await _complete_log_row(session, request_id, usage, outcome, values)
+    return True
+
+
+async def _complete_log_row(
+    session: AsyncSession,
+    request_id: str,
+    usage: Usage | None,
+    outcome: Outcome,
+    values: dict[str, Any],
+) -> None:
+    """Write a settled request's columns (``values``, plus its model, body and usage)."""
     if outcome.model is not None:
         values["model"] = outcome.model
     if outcome.response_body is not None:
@@ -205,7 +217,6 @@ async def settle(
             cache_read_tokens=usage.cache_read_input_tokens,
         )
     await session.execute(sa.update(_log).where(_log.c.id == request_id).values(**values))
-    return True
 
 
 async def charge_without_hold(
@@ -236,17 +247,7 @@ async def charge_without_hold(
             + (f"; {outcome.error}" if outcome.error else "")
         ),
     }
-    if outcome.model is not None:
-        values["model"] = outcome.model
-    if usage is not None:
-        values.update(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cache_write_5m_tokens=usage.cache_write_5m_tokens,
-            cache_write_1h_tokens=usage.cache_write_1h_tokens,
-            cache_read_tokens=usage.cache_read_input_tokens,
-        )
-    await session.execute(sa.update(_log).where(_log.c.id == request_id).values(**values))
+    await _complete_log_row(session, request_id, usage, outcome, values)
     return True
 
 
