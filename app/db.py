@@ -44,6 +44,18 @@ def sync_url(url: str) -> str:
     return url
 
 
+CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+"""libpq parameters of every PostgreSQL connection: a server that does not answer the connection
+in 5 s counts as down (a refused one fails at once), and TCP keepalives find a connection whose
+server vanished without a word in ~25 s rather than never."""
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
     cursor = dbapi_connection.cursor()
@@ -67,8 +79,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         return engine
     # The ORM engine serves the admin API, auth lookups and jobs; the relay's hot statements
     # use the raw pool (``Database.raw``). Together at most ~3 × pool_size connections.
+    # ``pool_pre_ping``: a pooled connection that an outage (or a PostgreSQL restart) broke is
+    # replaced when it is checked out, instead of failing the first statement sent on it.
     return create_async_engine(
-        aurl, pool_size=max(2, pool_size // 2), max_overflow=pool_size // 2, pool_pre_ping=False
+        aurl,
+        pool_size=max(2, pool_size // 2),
+        max_overflow=pool_size // 2,
+        pool_pre_ping=True,
+        connect_args=dict(CONNECT_OPTIONS),
     )
 
 
@@ -108,8 +126,11 @@ class Database:
                         libpq_url(self.url),
                         min_size=2,
                         max_size=self._pool_size * 2,
-                        kwargs={"autocommit": True, "prepare_threshold": 0},
+                        kwargs={"autocommit": True, "prepare_threshold": 0, **CONNECT_OPTIONS},
                         open=False,
+                        # a connection broken while idle (an outage) is replaced, not handed out
+                        check=AsyncConnectionPool.check_connection,
+                        timeout=10,
                     )
                     await pool.open()
                     self._raw_pool = pool
@@ -120,7 +141,7 @@ class Database:
         """A new autocommit psycopg connection of its own (PostgreSQL only), for a caller that
         keeps it (the group-committed holds keep one per batch queue)."""
         return await AsyncConnection.connect(
-            libpq_url(self.url), autocommit=True, prepare_threshold=0
+            libpq_url(self.url), autocommit=True, prepare_threshold=0, **CONNECT_OPTIONS
         )
 
     @contextlib.asynccontextmanager

@@ -18,6 +18,8 @@ import math
 from collections.abc import Mapping
 
 import orjson
+import psycopg
+import sqlalchemy.exc
 from starlette.responses import Response
 
 from app.relay.openai import anthropic_error_to_openai
@@ -154,6 +156,7 @@ def to_api_error(exc: Exception) -> ApiError:
 _DEPENDENCIES = (
     ("redis", "Redis"),
     ("fakeredis", "Redis"),
+    ("psycopg_pool", "database"),
     ("psycopg", "database"),
     ("sqlalchemy", "database"),
     ("aiosqlite", "database"),
@@ -172,6 +175,9 @@ _OUTAGE_ERRORS = frozenset(
         "PoolClosed",
         "BusyLoadingError",
         "ReadOnlyError",
+        "MasterDownError",
+        "TryAgainError",
+        "ClusterDownError",
     }
 )
 """Exception class names that mean the dependency is down or restarting (not that a statement
@@ -190,6 +196,13 @@ def unreachable_dependency(exc: BaseException) -> str | None:
             for prefix, name in _DEPENDENCIES:
                 if module == prefix or module.startswith(prefix + "."):
                     return name
+        if isinstance(seen, psycopg.OperationalError):
+            # every subclass too: the server shutting down (AdminShutdown, CrashShutdown),
+            # starting up (CannotConnectNow), out of connections, a statement timeout, and
+            # psycopg_pool's PoolTimeout
+            return "database"
+        if isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated:
+            return "database"  # whatever the driver called it, the connection was lost
         if isinstance(seen, ConnectionError | TimeoutError):
             return "database or Redis"
         seen = seen.__cause__ or seen.__context__

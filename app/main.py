@@ -19,12 +19,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from app import embedded_redis, errors
+from app import embedded_redis, errors, http_limits
 from app.admin import accounts as admin_accounts
 from app.admin import aliases as admin_aliases
 from app.admin import customers as admin_customers
@@ -62,20 +63,49 @@ def check_settings(settings: Settings) -> None:
 
 
 async def _every(seconds: float, name: str, job: Callable[[], Awaitable[Any]]) -> None:
+    """Run ``job`` every ``seconds`` for as long as the server runs; a failure never ends the
+    loop. While the database or Redis is unreachable the job fails on every turn: that outage
+    is logged once (one line, no traceback) and its end once; any other failure is logged with
+    its traceback each time."""
+    outage_since: float | None = None
     while True:
         try:
             await job()
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("background job %s failed", name)
+        except Exception as exc:
+            dependency = errors.unreachable_dependency(exc)
+            if dependency is None:
+                log.exception("background job %s failed", name)
+            elif outage_since is None:
+                outage_since = time.monotonic()
+                log.warning(
+                    "background job %s failed: %s unreachable (%s); retrying every %g s",
+                    name,
+                    dependency,
+                    type(exc).__name__,
+                    seconds,
+                    extra={"event": "job_dependency_down", "job": name, "dependency": dependency},
+                )
+        else:
+            if outage_since is not None:
+                log.info(
+                    "background job %s runs again (it had failed for %.1f s)",
+                    name,
+                    time.monotonic() - outage_since,
+                    extra={"event": "job_dependency_back", "job": name},
+                )
+                outage_since = None
         await asyncio.sleep(seconds)
 
 
-def refuse(scope: Scope, limit: int) -> Response | None:
-    """Refuse a declared body over the limit before reading it (413), and a path or query
-    string with a NUL byte (400: no id or filter can contain one, and PostgreSQL refuses NUL
-    in text)."""
+async def refuse(
+    scope: Scope, receive: Receive, limit: int, body_seconds: float
+) -> Response | None:
+    """Refuse a declared body over the limit before it reaches a route (413, once the rest of
+    the body is read and dropped when that is bounded, so that the client reads the answer:
+    :func:`app.http_limits.too_large`), and a path or query string with a NUL byte (400: no id
+    or filter can contain one, and PostgreSQL refuses NUL in text)."""
     query: bytes = scope.get("query_string", b"")
     if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
         return errors.anthropic_response(
@@ -84,10 +114,17 @@ def refuse(scope: Scope, limit: int) -> Response | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
-                too_big = int(value) > limit
+                declared = int(value)
             except ValueError:
-                too_big = False
-            return errors.anthropic_response(errors.too_large(limit)) if too_big else None
+                return None
+            if declared <= limit:
+                return None
+            deadline = asyncio.get_running_loop().time() + body_seconds
+            headers = Headers(scope=scope)
+            err = await http_limits.too_large(
+                receive, limit, headers, declared=declared, received=0, deadline=deadline
+            )
+            return errors.anthropic_response(err)
     return None
 
 
@@ -106,11 +143,13 @@ class PoolrelayApp(FastAPI):
     Starlette router reached without FastAPI's middleware and dependency machinery."""
 
     body_limit: int = 0
+    body_timeout: float = 60.0
+    """Seconds a request body may take to arrive (``CLIENT_BODY_TIMEOUT``)."""
     customer_router: Router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = refuse(scope, self.body_limit)
+            refusal = await refuse(scope, receive, self.body_limit, self.body_timeout)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
@@ -307,6 +346,7 @@ def create_app(
 
     app.customer_router = Router(routes=customer_routes())
     app.body_limit = settings.max_body_bytes
+    app.body_timeout = settings.client_body_timeout
     return app
 
 

@@ -18,11 +18,30 @@ if TYPE_CHECKING:
 
 Command = tuple[Any, ...]
 
+CONNECT_TIMEOUT_SECONDS = 3.0
+"""A Redis that does not accept the connection in this time counts as down."""
+COMMAND_TIMEOUT_SECONDS = 5.0
+"""A reply that takes longer means Redis is gone or stuck (every command here is short; the
+Pub/Sub listeners wait with a timeout of their own): the caller gets ``TimeoutError`` and the
+customer an honest 529, instead of a request hanging on a dead socket."""
+
+CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+    "socket_timeout": COMMAND_TIMEOUT_SECONDS,
+    "socket_keepalive": True,
+    # A connection idle this long is PINGed before it is used again, so a connection that a
+    # Redis restart broke is replaced before a command goes out on it.
+    "health_check_interval": 30,
+}
+"""How every client of a real Redis connects (the relay's and the worker's). No automatic
+retries: a command that failed may have run (a lease taken, a counter bumped), so the caller
+decides; a restarted Redis gets fresh connections, as the pool checks each one it hands out."""
+
 
 def make_redis(url: str) -> aioredis.Redis:
     if url.startswith("memory://"):
         return in_process_redis()
-    client = aioredis.from_url(url, max_connections=500, health_check_interval=30)  # type: ignore[no-untyped-call]
+    client = aioredis.from_url(url, max_connections=500, **CLIENT_OPTIONS)  # type: ignore[no-untyped-call]
     return client  # type: ignore[no-any-return]
 
 

@@ -37,7 +37,20 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(default=10.0, gt=0)
     upstream_read_timeout: float = Field(default=600.0, gt=0)
     request_deadline: float = Field(default=120.0, gt=0)
-    """Total time budget for failover before the first byte reaches the customer."""
+    """Total time budget for failover before the first byte reaches the customer. It also
+    bounds each upstream attempt's wait for the response headers (shared out among the
+    attempts left), except that a non-streaming Messages request may wait as long as its
+    answer is expected to take (``app.relay.forward.header_budget``)."""
+    max_request_seconds: float = Field(default=10_800.0, gt=0)
+    """The longest a relayed request may run, from its arrival: a stream still running then
+    is ended by the relay with one ``error`` event and charged what it used. Reconciliation
+    takes a hold older than this (plus a margin) as left behind."""
+    client_header_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a client connection may take to send a request's headers (from the connection
+    or the request's first byte); after that the relay closes the connection."""
+    client_body_timeout: float = Field(default=60.0, gt=0)
+    """Seconds a ``/v1`` request's whole body may take to arrive; a slower one gets 408
+    ``timeout_error`` and the connection is closed."""
     auth_cache_seconds: float = Field(default=0.5, ge=0, le=1.0)
     accounts_refresh_seconds: float = Field(default=2.0, gt=0, le=5.0)
     reconcile_interval_seconds: float = Field(default=30.0, gt=0)

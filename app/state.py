@@ -22,6 +22,7 @@ from cryptography.fernet import Fernet
 
 from app.auth import KeyAuthenticator
 from app.db import Database
+from app.instances import INSTANCE_PREFIX
 from app.metrics import Metrics
 from app.redis import Command, make_redis, pipelined
 from app.settings import Settings
@@ -126,7 +127,8 @@ class Services:
     """Ends of requests (lease release + headroom), many per Redis call (group commit)."""
     redis_commands: GroupCommit[Command, Any]
     """Plain Redis commands of concurrent requests, one pipeline per batch."""
-    instance_id: str = field(default_factory=lambda: "inst_" + secrets.token_hex(8))
+    instance_id: str = field(default_factory=lambda: INSTANCE_PREFIX + secrets.token_hex(8))
+    """``inst_`` + 16 hex; the hex part owns the process's leases (``Scheduler(owner=)``)."""
     metrics: Metrics = field(default_factory=Metrics)
     holds: PgHolds | None = None
     """Group-committed holds and settlements (PostgreSQL); None on SQLite (session path)."""
@@ -185,7 +187,9 @@ def build_services(settings: Settings, *, redis: aioredis.Redis | None = None) -
         async with db.transaction() as session:
             return await alias_repo.load_aliases(session)
 
-    scheduler = Scheduler(redis)
+    instance_hex = secrets.token_hex(8)
+    # The process's leases carry its id, so reconciliation can drop them when it dies.
+    scheduler = Scheduler(redis, owner=instance_hex)
 
     async def end_leases(ends: list[LeaseEnd]) -> list[None]:
         await scheduler.finish_many(ends)
@@ -210,4 +214,5 @@ def build_services(settings: Settings, *, redis: aioredis.Redis | None = None) -
         lease_starts=GroupCommit(scheduler.acquire_many),
         lease_ends=GroupCommit(end_leases),
         redis_commands=pipelined(redis),
+        instance_id=INSTANCE_PREFIX + instance_hex,
     )

@@ -118,6 +118,7 @@ def multiplier_of(customer: Customer) -> Decimal:
 class KeyPolicy:
     rpm: int | None = None
     tpm: int | None = None
+    max_concurrency: int | None = None
     daily_budget_micros: int | None = None
     monthly_budget_micros: int | None = None
     budget_action: str = "block"

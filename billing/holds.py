@@ -106,9 +106,10 @@ async def place(session: AsyncSession, hold: HoldRequest) -> None:
     )
 
 
-def _clip(text: str | None) -> str | None:
-    """Error text for the log: bounded, and without NUL (PostgreSQL refuses it in text)."""
-    return text.replace("\x00", "")[:1000] if text else None
+def _clip(text: str | None, limit: int = 1000) -> str | None:
+    """Text from the upstream for the log: bounded by its column, and without NUL (PostgreSQL
+    refuses it in text)."""
+    return text.replace("\x00", "")[:limit] if text else None
 
 
 @dataclass(slots=True)
@@ -134,7 +135,7 @@ class Outcome:
             "status": self.status,
             "http_status": self.http_status,
             "account_id": self.account_id,
-            "upstream_request_id": self.upstream_request_id,
+            "upstream_request_id": _clip(self.upstream_request_id, 200),
             "attempts": self.attempts,
             "accounts_tried": ",".join(self.accounts_tried)[:1000] or None,
             "error": _clip(self.error),

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.errors import DeadlockDetected
 
@@ -310,6 +311,19 @@ async def settle_many(conn: Executor, batch: Sequence[Settlement]) -> set[str]:
     return {str(row[0]) for row in rows}
 
 
+def _one_by_one_or_raise(cur: AsyncCursor[Any], exc: psycopg.Error, what: str, size: int) -> None:
+    """A batch statement the database refused: one item's data (a value it cannot store, a
+    constraint), a deadlock, a timeout. Each item then goes alone, so that the refusal reaches
+    only the caller whose item caused it. A broken connection fails the whole batch instead."""
+    conn = cur.connection
+    if conn.closed or conn.broken or isinstance(exc, psycopg.InterfaceError):
+        raise exc
+    if isinstance(exc, DeadlockDetected):
+        log.info("%s batch of %d deadlocked; going one by one", what, size)
+    else:
+        log.warning("%s batch of %d refused (%s); going one by one", what, size, type(exc).__name__)
+
+
 class _Line:
     """One dedicated autocommit connection and cursor. A :class:`GroupCommit` runs one batch
     at a time, so each needs exactly one connection: no pool to go through per batch."""
@@ -384,8 +398,8 @@ class PgHolds:
             if len(batch) > 1:
                 try:
                     admitted = await place_many(cur, batch)
-                except DeadlockDetected:
-                    log.info("hold batch of %d deadlocked; placing one by one", len(batch))
+                except psycopg.Error as exc:
+                    _one_by_one_or_raise(cur, exc, "hold", len(batch))
             results: list[BaseException | None] = []
             for hold in batch:
                 if hold.customer_id in admitted:
@@ -404,8 +418,8 @@ class PgHolds:
                 try:
                     settled = await settle_many(cur, batch)
                     return [item.request_id in settled for item in batch]
-                except DeadlockDetected:
-                    log.info("settlement batch of %d deadlocked; settling one by one", len(batch))
+                except psycopg.Error as exc:
+                    _one_by_one_or_raise(cur, exc, "settlement", len(batch))
             results: list[bool | BaseException] = []
             for item in batch:
                 try:

@@ -64,6 +64,8 @@ class CustomerKey(SQLModel, table=True):
     status: str = Field(default="active", max_length=20)
     rpm: int | None = None
     tpm: int | None = None
+    max_concurrency: int | None = None
+    """Requests of this key in flight at once, across every relay process (None: no cap)."""
     daily_budget_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     monthly_budget_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
     budget_action: str = Field(default="block", max_length=20)

@@ -27,9 +27,16 @@ _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
 
 
+def progress_key(request_id: str) -> str:
+    """Where a running stream records what it has used (Redis), for :class:`Progress`."""
+    return f"poolrelay:progress:{request_id}"
+
+
 @dataclass
 class Discrepancy:
-    kind: str  # balance_mismatch | held_mismatch | usage_without_debit
+    kind: str
+    """balance_mismatch | held_mismatch | usage_without_debit | debit_differs_from_usage |
+    delivered_uncharged"""
     customer_id: str
     detail: dict[str, Any]
 
@@ -38,12 +45,17 @@ class Discrepancy:
 class Report:
     holds_settled: int = 0
     holds_released: int = 0
+    leases_dropped: int = 0
+    heartbeats_trusted: bool = True
+    """False right after Redis came back empty: no hold was finished on a missing heartbeat."""
     discrepancies: list[Discrepancy] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "holds_settled": self.holds_settled,
             "holds_released": self.holds_released,
+            "leases_dropped": self.leases_dropped,
+            "heartbeats_trusted": self.heartbeats_trusted,
             "discrepancies": [
                 {"kind": d.kind, "customer_id": d.customer_id, **d.detail}
                 for d in self.discrepancies
@@ -111,8 +123,11 @@ async def finish_hold(
     return cost > 0
 
 
-async def verify_books(session: AsyncSession) -> list[Discrepancy]:
-    """balance = Σ ledger, held = Σ open holds, and one debit per charged usage record."""
+async def verify_books(
+    session: AsyncSession, price_for: Callable[[str], Price | None] | None = None
+) -> list[Discrepancy]:
+    """balance = Σ ledger, held = Σ open holds, one debit per charged usage record, and no
+    delivered answer without its debit (:func:`delivered_uncharged`)."""
     found: list[Discrepancy] = []
     sums = (
         sa.select(_ledger.c.customer_id, sa.func.sum(_ledger.c.amount_micros).label("total"))
@@ -184,6 +199,77 @@ async def verify_books(session: AsyncSession) -> list[Discrepancy]:
                     "request_id": row.id,
                     "cost_micros": int(row.cost_micros),
                     "debit_micros": int(row.amount_micros),
+                },
+            )
+        )
+    found.extend(await delivered_uncharged(session, price_for))
+    return found
+
+
+BILLED_ENDPOINTS = ("messages", "chat_completions")
+
+
+async def delivered_uncharged(
+    session: AsyncSession,
+    price_for: Callable[[str], Price | None] | None = None,
+    limit: int = 1000,
+) -> list[Discrepancy]:
+    """Finished requests whose log shows tokens the upstream produced but that have no usage
+    debit (and no open hold that could still bring one): answers delivered and not charged.
+    With ``price_for``, a request whose tokens cost nothing at its model's price is not one."""
+    tokens = (
+        _log.c.input_tokens
+        + _log.c.output_tokens
+        + _log.c.cache_write_5m_tokens
+        + _log.c.cache_write_1h_tokens
+        + _log.c.cache_read_tokens
+    )
+    rows = await session.execute(
+        sa.select(
+            _log.c.id,
+            _log.c.customer_id,
+            _log.c.status,
+            sa.func.coalesce(_log.c.model, _log.c.requested_model).label("model"),
+            _log.c.input_tokens,
+            _log.c.output_tokens,
+            _log.c.cache_write_5m_tokens,
+            _log.c.cache_write_1h_tokens,
+            _log.c.cache_read_tokens,
+            tokens.label("tokens"),
+        )
+        .outerjoin(_ledger, sa.and_(_ledger.c.request_id == _log.c.id, _ledger.c.kind == "usage"))
+        .outerjoin(_holds, _holds.c.request_id == _log.c.id)
+        .where(
+            _log.c.endpoint.in_(BILLED_ENDPOINTS),
+            _log.c.status != "in_flight",
+            tokens > 0,
+            _ledger.c.id.is_(None),
+            _holds.c.request_id.is_(None),
+        )
+        .limit(limit)
+    )
+    found: list[Discrepancy] = []
+    for row in rows:
+        if price_for is not None:
+            price = price_for(row.model) if row.model else None
+            used = Usage(
+                input_tokens=int(row.input_tokens),
+                output_tokens=int(row.output_tokens),
+                cache_write_5m_tokens=int(row.cache_write_5m_tokens),
+                cache_write_1h_tokens=int(row.cache_write_1h_tokens),
+                cache_read_input_tokens=int(row.cache_read_tokens),
+            )
+            if price is not None and cost_micros(used, price, Decimal(1)) <= 0:
+                continue
+        found.append(
+            Discrepancy(
+                "delivered_uncharged",
+                row.customer_id,
+                {
+                    "request_id": row.id,
+                    "status": row.status,
+                    "model": row.model,
+                    "tokens": int(row.tokens),
                 },
             )
         )

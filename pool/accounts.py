@@ -8,7 +8,6 @@ few seconds, so a CLI change reaches running servers within ``accounts_refresh_s
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +17,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pool import patterns
 from pool.crypto import CredentialCipher, Secret, fingerprint
 from pool.errors import AccountExists, AccountNotFound, CredentialError
 from pool.models import UpstreamAccount, _utcnow
@@ -62,13 +62,13 @@ async def add_account(
     base_url: str = DEFAULT_BASE_URL,
     group: str | None = None,
     models: list[str] | None = None,
-    max_concurrency: int = 16,
+    max_concurrency: int | None = None,
     weight: float = 1.0,
 ) -> UpstreamAccount:
     name = name.strip()
     if not name or len(name) > 200:
         raise CredentialError("--name must be 1 to 200 characters")
-    if max_concurrency < 1 or max_concurrency > 10_000:
+    if max_concurrency is not None and not 1 <= max_concurrency <= 10_000:
         raise CredentialError("--max-concurrency must be between 1 and 10000")
     if not 0 < weight <= 1000:
         raise CredentialError("--weight must be greater than 0 and at most 1000")
@@ -199,14 +199,12 @@ class LiveAccount:
     base_url: str
     group: str | None
     models: tuple[str, ...] | None
-    max_concurrency: int
+    max_concurrency: int | None
     weight: float
     credential: Secret
 
     def allows(self, model: str) -> bool:
-        if self.models is None:
-            return True
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+        return patterns.allows(self.models, model)
 
 
 class AccountDirectory:

@@ -7,6 +7,8 @@ They carry data, never HTTP: ``app/errors.py`` maps them to responses.
     PoolError                 base class of every pool error
     ├── NoCapacity            every eligible account is rate limited or has no free slot
     │                         (the relay answers 429 rate_limit_error, retry-after = .retry_after)
+    ├── Queued                only a concurrency cap stood in the way: the request is queued
+    │                         (.ticket) and is handed a slot when one frees (pool.waiters)
     ├── NoAccount             nothing can serve: every candidate is quarantined for another
     │                         reason, disabled, excluded, or the candidate list is empty
     │                         (the relay answers 529 overloaded_error)
@@ -24,6 +26,7 @@ __all__ = [
     "NoAccount",
     "NoCapacity",
     "PoolError",
+    "Queued",
 ]
 
 
@@ -39,9 +42,22 @@ class NoCapacity(PoolError):
     of an account whose slots are all taken.
     """
 
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, *, concurrency: bool = False) -> None:
         self.retry_after = max(1.0, float(retry_after))
+        self.concurrency = concurrency
+        """True when concurrency caps (not rate limits) are what is full."""
         super().__init__(f"no account has capacity; retry after {self.retry_after:.0f} s")
+
+
+class Queued(PoolError):
+    """The request waits for a concurrency slot: ``ticket`` is its place in the queue,
+    ``lease_id`` the lease it will be given, ``until`` (epoch seconds) when it gives up."""
+
+    def __init__(self, ticket: str, lease_id: str, until: float) -> None:
+        self.ticket = ticket
+        self.lease_id = lease_id
+        self.until = until
+        super().__init__("waiting for a concurrency slot")
 
 
 class NoAccount(PoolError):

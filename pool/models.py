@@ -39,7 +39,8 @@ class UpstreamAccount(SQLModel, table=True):
     base_url: str = Field(default="https://api.anthropic.com", max_length=500)
     group: str | None = Field(default=None, max_length=200)
     models: list[str] | None = Field(default=None, sa_column=Column(JSON))
-    max_concurrency: int = 16
+    max_concurrency: int | None = None
+    """In-flight requests at once; None (the default): no cap."""
     weight: float = 1.0
     status: str = Field(default="active", max_length=20)
     credential_ciphertext: str = Field(sa_type=sa.Text)

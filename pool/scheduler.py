@@ -8,14 +8,19 @@ all of them live in one slot and the scripts run on Redis Cluster; the fixed key
 candidate list and the affinity key are passed in KEYS, the group indexes are named inside the
 scripts)::
 
-    P cfg          HASH  account -> "max_concurrency|weight|group"  (latest candidate list wins)
+    P cfg          HASH  account -> "max_concurrency|weight|group"  (latest candidate list wins;
+                                     max_concurrency 0 = no cap)
     P hr           HASH  account -> "family limit remaining reset ..."  (last rate-limit headers;
                                      reset in epoch seconds, "-" when absent)
     P inflight     HASH  account -> "leases|tokens": live leases and the sum of their expected
                                      tokens (field absent = none)
     P leases       ZSET  "<lease id>:<account>" scored by expiry (epoch seconds); a lease id is
-                         "<16 hex>-<expected tokens>"
-    P q            HASH  account -> "reason|until|since"  (quarantine; until "" = until cleared)
+                         "<16 hex>-<expected tokens>", or "<owner: 16 hex><16 hex>-<expected
+                         tokens>" when the scheduler has an owner (the relay process's id), so
+                         that the leases of a process declared dead can be dropped at once
+    P q            HASH  account -> "reason|until|since"  (quarantine; until "" = until cleared;
+                                     reason "overloaded" is a 529 backoff, not a quarantine)
+    P bo           HASH  account -> "step|end" of its last 529 backoff (how long, when it ended)
     P err          HASH  account -> last upstream error (text)
     P cb           HASH  account -> "failures|window start|trips"  (circuit breaker)
     P rank         ZSET  account scored by its weighted headroom score; only accounts that are
@@ -26,6 +31,18 @@ scripts)::
     P cs:<digest>  HASH  account -> "1": one candidate list, registered on first use (expires
                          after a day unused); the digest is over the list's encoding
     P aff:<key>    STRING account, with the affinity TTL (key from ``pool.affinity``)
+    P wq           ZSET  "<lease id>|<candidate digest>|<deadline>|<lease ttl>" scored by
+                         arrival (``P wseq``): requests waiting for a concurrency slot
+    P wg:<lease>   STRING "account|expiry": the slot a waiter was given (kept 5 minutes, for a
+                         waiter whose wake-up message was lost or that gave up meanwhile)
+
+Waiting (contract §7): when the only obstacle is a concurrency cap, the acquire script itself
+queues the request (so no slot can free unseen between the refusal and the queueing). Whenever
+an account's state is refreshed with a slot free and waiters queued, the script hands the slot
+to the oldest waiter whose candidate list has the account — it creates that waiter's lease —
+and PUBLISHes ``lease|<lease id>|<account>|<expiry>`` on ``poolrelay:wake:<owner>``, the
+channel of the waiter's process (:class:`pool.waiters.Waiters`). Nobody polls; a newcomer
+never overtakes a waiter, since a freed slot is taken in the same script that frees it.
 
 Headroom (``pool.headroom.headroom_score``) counts what in-flight requests will use. Each lease
 records the expected tokens of ITS request, so an account's in-flight token use is the sum over
@@ -55,7 +72,7 @@ from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 
-from pool.errors import NoAccount, NoCapacity
+from pool.errors import NoAccount, NoCapacity, Queued
 from pool.headroom import NEARLY_EXHAUSTED, FamilyState, parse_ratelimit_headers, rate_limit_until
 
 __all__ = ["QUARANTINE_REASONS", "AccountState", "Candidate", "Lease", "Scheduler"]
@@ -71,6 +88,9 @@ QUARANTINE_REASONS: Final = frozenset(
     }
 )
 
+BACKOFF: Final = "overloaded"
+"""The quarantine-hash reason of a 529 backoff (not a quarantine: see Scheduler.back_off)."""
+
 _LEASE_ID_BYTES = 8  # 16 hex characters
 _ERROR_MAX = 500
 _FORBIDDEN = frozenset("\t\n\r|")
@@ -81,7 +101,8 @@ class Candidate:
     """An account the caller allows for this request (active, allows the model)."""
 
     account_id: str
-    max_concurrency: int
+    max_concurrency: int | None = None
+    """In-flight requests at once; None: no cap (headroom and the upstream's 429s govern)."""
     weight: float = 1.0
     group: str | None = None
 
@@ -90,8 +111,8 @@ class Candidate:
             raise ValueError("account_id must be non-empty, without tabs, newlines or '|'")
         if self.group is not None and _FORBIDDEN.intersection(self.group):
             raise ValueError("group must not contain tabs, newlines or '|'")
-        if self.max_concurrency < 1:
-            raise ValueError("max_concurrency must be >= 1")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1 (or None: no cap)")
         if not (math.isfinite(self.weight) and self.weight >= 0):
             raise ValueError("weight must be a finite number >= 0")
 
@@ -118,6 +139,8 @@ class AccountState:
     headroom: Mapping[str, FamilyState]
     last_error: str | None
     score: float
+    backoff_until: float | None = None
+    """The end of a 529 backoff in force (the account is passed over until then)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +203,43 @@ end
 
 local function grank(g) return K_RANK .. ':g:' .. g end
 
+local K_BASE = string.sub(K_CFG, 1, -4)
+local K_WQ = K_BASE .. 'wq'
+
+-- hand free slots of acct (k leases of at most maxc) to the oldest waiters that may use it;
+-- returns the new in-flight count and tokens
+local function serve_waiters(acct, now, k, tok, maxc)
+  if redis.call('EXISTS', K_WQ) == 0 then return k, tok end
+  local granted = false
+  while k < maxc do
+    local items = redis.call('ZRANGE', K_WQ, 0, 63)
+    local lid, ttl = nil, nil
+    for i = 1, #items do
+      local m = items[i]
+      local l, dig, dl, t = string.match(m, '^([^|]+)|([^|]+)|([^|]+)|(.+)$')
+      if not l or tonumber(dl) <= now then
+        redis.call('ZREM', K_WQ, m)
+      elseif redis.call('HEXISTS', K_BASE .. 'cs:' .. dig, acct) == 1 then
+        redis.call('ZREM', K_WQ, m)
+        lid, ttl = l, tonumber(t)
+        break
+      end
+    end
+    if not lid then break end
+    local member = lid .. ':' .. acct
+    local _, e = lease_parse(member)
+    local expires = now + ttl
+    redis.call('ZADD', K_LEASES, fmt(expires), member)
+    k, tok = k + 1, tok + (e or 0)
+    granted = true
+    local grant = acct .. '|' .. fmt(expires)
+    redis.call('SET', K_BASE .. 'wg:' .. lid, grant, 'EX', 300)
+    redis.call('PUBLISH', 'poolrelay:wake:' .. string.sub(lid, 1, 16), 'lease|' .. lid .. '|' .. grant)
+  end
+  if granted then redis.call('HSET', K_INF, acct, string.format('%%d|%%d', k, tok)) end
+  return k, tok
+end
+
 -- 'ok', raw, weighted | 'rl', until | 'full' | 'out'
 local function judge(cv, qv, iv, hv, now)
   if not cv then return 'out' end
@@ -192,7 +252,7 @@ local function judge(cv, qv, iv, hv, now)
     end
   end
   local k, tok = inf_parse(iv)
-  if k >= maxc then return 'full' end
+  if maxc > 0 and k >= maxc then return 'full' end
   local raw = score(hv, now, k, tok)
   return 'ok', raw, raw * w
 end
@@ -227,8 +287,9 @@ local function refresh(acct, now, dk, dtok)
       redis.call('HDEL', K_Q, acct)
     end
   end
+  if listed and maxc > 0 and k < maxc then k, tok = serve_waiters(acct, now, k, tok, maxc) end
   if listed then
-    if k >= maxc then
+    if maxc > 0 and k >= maxc then
       listed = false
     else
       local s, nxt = score(redis.call('HGET', K_HR, acct), now, k, tok)
@@ -268,8 +329,9 @@ local e = tonumber(ARGV[2])
 local rng = tonumber(ARGV[3]) % 2147483646 + 1
 local lease_id, ttl, aff_ttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local direct = ARGV[7] == '1'
+local wait = tonumber(ARGV[9])
 local excluded = {}
-for i = 9, #ARGV do excluded[ARGV[i]] = true end
+for i = 10, #ARGV do excluded[ARGV[i]] = true end
 
 local function rand(n)  -- Park-Miller; an integer in [0, n)
   rng = (rng * 16807) % 2147483647
@@ -408,9 +470,18 @@ if not chosen then
     chosen = ok
   else
     if next(full) then
+      if wait and wait > 0 then
+        -- only a concurrency cap stands in the way: queue (first come, first served)
+        local digest = string.sub(K_CS, string.len(K_BASE) + 4)
+        local until_ = now + wait
+        local ticket = lease_id .. '|' .. digest .. '|' .. fmt(until_) .. '|' .. fmt(ttl)
+        redis.call('ZADD', K_WQ, redis.call('INCR', K_BASE .. 'wseq'), ticket)
+        return {'QUEUED', ticket, fmt(until_)}
+      end
       -- A full account frees a slot as soon as any of its requests ends (usually seconds;
       -- the lease expiry is only the crash bound): ask the client to come back in a second.
       retry = 1
+      return {'NOCAP', fmt(retry), 'full'}
     end
     if retry == nil then return {'NOACCT'} end
     if retry < 1 then retry = 1 end
@@ -442,6 +513,36 @@ for acct, m, w, g in string.gmatch(ARGV[2], F .. '\\t' .. F .. '\\t' .. F .. '\\
 end
 redis.call('EXPIRE', K_CS, ARGV[3])
 return 1
+"""
+
+_DROP_OWNER = """
+local now, owner = clock(ARGV[1]), ARGV[2]
+local n = string.len(owner)
+local all = redis.call('ZRANGE', K_LEASES, 0, -1)
+local dk, dtok, dropped = {}, {}, 0
+for i = 1, #all do
+  local m = all[i]
+  local hex = string.match(m, '^(%x+)%-')
+  if hex and string.len(hex) == 2 * n and string.sub(m, 1, n) == owner then
+    local acct, e = lease_parse(m)
+    if acct and redis.call('ZREM', K_LEASES, m) == 1 then
+      dk[acct], dtok[acct] = (dk[acct] or 0) - 1, (dtok[acct] or 0) - e
+      dropped = dropped + 1
+    end
+  end
+end
+for acct, d in pairs(dk) do refresh(acct, now, d, dtok[acct]) end
+return dropped
+"""
+
+_UNWAIT = """
+local ticket, lid = ARGV[1], ARGV[2]
+if redis.call('ZREM', K_WQ, ticket) == 1 then return {'GONE'} end
+local g = redis.call('GET', K_BASE .. 'wg:' .. lid)
+if not g then return {'GONE'} end
+redis.call('DEL', K_BASE .. 'wg:' .. lid)
+local acct, expires = string.match(g, '^(.*)|([^|]+)$')
+return {'GRANTED', acct, expires}
 """
 
 _RELEASE = """
@@ -511,6 +612,36 @@ refresh(acct, now)
 return 1
 """
 
+_BACKOFF = """
+local K_BO = KEYS[10]
+local now, acct = clock(ARGV[1]), ARGV[2]
+local base, longest, err = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+if err ~= '' then redis.call('HSET', K_ERR, acct, err) end
+local qv = redis.call('HGET', K_Q, acct)
+if qv then
+  local r, u = q_parse(qv)
+  if u == nil or u > now then
+    -- already out: quarantined (nothing to add), or in a backoff that a request sent before it
+    -- began must not lengthen
+    if r == 'overloaded' then return fmt(u) end
+    return ''
+  end
+end
+local step = base
+local bo = redis.call('HGET', K_BO, acct)
+if bo then
+  local s, e = string.match(bo, '^([^|]*)|(.*)$')
+  s, e = tonumber(s), tonumber(e)
+  -- 529s continue: the last backoff ended less than its own length ago
+  if s and e and now < e + s then step = math.min(longest, s * 2) end
+end
+local untl = now + step
+redis.call('HSET', K_BO, acct, fmt(step) .. '|' .. fmt(untl))
+redis.call('HSET', K_Q, acct, 'overloaded|' .. fmt(untl) .. '|' .. fmt(now))
+refresh(acct, now)
+return fmt(untl)
+"""
+
 _CLEAR = """
 local now = clock(ARGV[1])
 redis.call('HDEL', K_Q, ARGV[2])
@@ -554,7 +685,9 @@ if cv then
   local _, _, g = cfg_parse(cv)
   if g then redis.call('ZREM', grank(g), acct) end
 end
-for _, k in ipairs({K_CFG, K_HR, K_INF, K_Q, K_ERR, K_CB}) do redis.call('HDEL', k, acct) end
+for _, k in ipairs({K_CFG, K_HR, K_INF, K_Q, K_ERR, K_CB, KEYS[10]}) do
+  redis.call('HDEL', k, acct)
+end
 redis.call('ZREM', K_RANK, acct)
 redis.call('ZREM', K_DUE, acct)
 return 1
@@ -598,6 +731,10 @@ class LeaseEnd(NamedTuple):
 
 def _lua(body: str) -> str:
     return _PRELUDE % {"nearly": NEARLY_EXHAUSTED} + body
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def _str(value: Any) -> str:
@@ -654,7 +791,15 @@ class Scheduler:
         max_cooldown: float = 600.0,
         direct_scan_max: int = 64,
         candidate_set_ttl: int = 86400,
+        owner: str = "",
+        backoff_base: float = 2.0,
+        backoff_max: float = 60.0,
     ) -> None:
+        if owner and (len(owner) != _LEASE_ID_BYTES * 2 or not _is_hex(owner)):
+            raise ValueError(f"owner must be {_LEASE_ID_BYTES * 2} hex characters")
+        self._owner = owner
+        self._backoff_base = float(backoff_base)
+        self._backoff_max = float(backoff_max)
         self._redis = redis
         self._base = f"{prefix}:{{pool}}:"
         names = ("cfg", "hr", "inflight", "leases", "q", "err", "cb", "rank", "due")
@@ -675,11 +820,14 @@ class Scheduler:
         self._acquire = register(_lua(_ACQUIRE))
         self._register = register(_lua(_REGISTER))
         self._release = register(_lua(_RELEASE))
+        self._drop_owner = register(_lua(_DROP_OWNER))
+        self._unwait = register(_lua(_UNWAIT))
         self._finish = register(_lua(_FINISH))
         self._renew = register(_lua(_RENEW))
         self._record_headers = register(_lua(_RECORD_HEADERS))
         self._quarantine = register(_lua(_QUARANTINE))
         self._clear = register(_lua(_CLEAR))
+        self._backoff = register(_lua(_BACKOFF))
         self._failure_script = register(_lua(_FAILURE))
         self._forget = register(_lua(_FORGET))
         self._states = register(_lua(_STATES))
@@ -696,7 +844,7 @@ class Scheduler:
                 self._sets.move_to_end(id(candidates))
                 return found
         blob = "".join(
-            f"{c.account_id}\t{c.max_concurrency}\t{c.weight!r}\t{c.group or ''}\n"
+            f"{c.account_id}\t{c.max_concurrency or 0}\t{c.weight!r}\t{c.group or ''}\n"
             for c in candidates
         )
         digest = hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
@@ -717,9 +865,12 @@ class Scheduler:
         affinity: tuple[str, int] | None = None,
         exclude: Collection[str] = (),
         now: float | None = None,
+        wait: float = 0.0,
     ) -> AcquireCall:
         """Everything one :meth:`acquire` sends, ready to run alone or in :meth:`acquire_many`.
-        Raises :class:`NoAccount` when there are no candidates."""
+        Raises :class:`NoAccount` when there are no candidates. With ``wait`` > 0 (seconds; a
+        scheduler with an ``owner`` only), a request that only a concurrency cap keeps out is
+        queued instead of refused: the call raises :class:`Queued`."""
         if not candidates:
             raise NoAccount()
         cset = self._candidate_set(candidates)
@@ -729,7 +880,7 @@ class Scheduler:
             keys.append(self._base + "aff:" + affinity[0])
             aff_ttl = str(max(1, int(affinity[1])))
         expected = max(0, int(expected_tokens))
-        lease_id = f"{self._random.getrandbits(_LEASE_ID_BYTES * 8):016x}-{expected}"
+        lease_id = f"{self._owner}{self._random.getrandbits(_LEASE_ID_BYTES * 8):016x}-{expected}"
         args: list[str | int] = [
             _time(now),
             expected,
@@ -739,6 +890,7 @@ class Scheduler:
             aff_ttl,
             "1" if len(candidates) <= self._direct_scan_max else "0",
             self._candidate_set_ttl,
+            repr(float(wait)) if wait > 0 and self._owner else "",
             *exclude,
         ]
         return AcquireCall(keys, args, lease_id, cset.blob, now)
@@ -751,6 +903,7 @@ class Scheduler:
         affinity: tuple[str, int] | None = None,
         exclude: Collection[str] = (),
         now: float | None = None,
+        wait: float = 0.0,
     ) -> Lease:
         """Lease the best account among ``candidates`` for one request.
 
@@ -761,7 +914,12 @@ class Scheduler:
         :class:`NoAccount` when none can serve at all.
         """
         call = self.acquire_call(
-            candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude, now=now
+            candidates,
+            expected_tokens=expected_tokens,
+            affinity=affinity,
+            exclude=exclude,
+            now=now,
+            wait=wait,
         )
         return await self.run_acquire(call)
 
@@ -814,14 +972,65 @@ class Scheduler:
                 expires_at=float(_str(reply[2])),
             )
         if status == "NOCAP":
-            raise NoCapacity(float(_str(reply[1])))
+            raise NoCapacity(float(_str(reply[1])), concurrency=len(reply) > 2)
+        if status == "QUEUED":
+            raise Queued(_str(reply[1]), call.lease_id, float(_str(reply[2])))
         if status == "NOACCT":
             raise NoAccount()
         raise RuntimeError(f"unexpected scheduler reply {status!r}")  # pragma: no cover
 
+    @property
+    def wake_channel(self) -> str:
+        """The Pub/Sub channel on which this scheduler's waiters are handed their slots."""
+        return f"poolrelay:wake:{self._owner}"
+
+    async def unwait(self, queued: Queued) -> Lease | None:
+        """Leave the queue (the wait timed out, or the client went away). Returns the lease
+        when a slot was handed over meanwhile (the caller uses or releases it), else None."""
+        reply = await self._unwait(keys=self._keys, args=[queued.ticket, queued.lease_id])
+        if _str(reply[0]) != "GRANTED":
+            return None
+        return Lease(_str(reply[1]), queued.lease_id, False, float(_str(reply[2])))
+
+    async def grant_of(self, queued: Queued) -> Lease | None:
+        """The slot handed to a waiter, if any (for a waiter whose wake-up may be lost)."""
+        raw = await self._redis.get(self._base + "wg:" + queued.lease_id)
+        if raw is None:
+            return None
+        account_id, _, expires = _str(raw).rpartition("|")
+        return Lease(account_id, queued.lease_id, False, float(expires))
+
+    @staticmethod
+    def granted(queued: Queued, message: str) -> Lease | None:
+        """The lease in a wake-up message (``lease|<lease id>|<account>|<expiry>``) when it is
+        this waiter's."""
+        kind, lease_id, rest = message.split("|", 2)
+        if kind != "lease" or lease_id != queued.lease_id:
+            return None
+        account_id, _, expires = rest.rpartition("|")
+        return Lease(account_id, lease_id, False, float(expires))
+
     async def release(self, lease: Lease, now: float | None = None) -> None:
         """Give the lease's slot back (idempotent: a second release does nothing)."""
         await self._release(keys=self._keys, args=[_time(now), self._member(lease)])
+
+    async def lease_owners(self) -> set[str]:
+        """The owners (relay process ids, 16 hex) that hold at least one lease."""
+        members = await self._redis.zrange(self._keys[3], 0, -1)
+        owners: set[str] = set()
+        width = _LEASE_ID_BYTES * 2
+        for raw in members:
+            hex_part = _str(raw).partition("-")[0]
+            if len(hex_part) == 2 * width:
+                owners.add(hex_part[:width])
+        return owners
+
+    async def drop_owner(self, owner: str, now: float | None = None) -> int:
+        """Drop every lease of ``owner`` (a process declared dead); returns how many. Their
+        slots and in-flight tokens come back at once instead of when the leases expire."""
+        if len(owner) != _LEASE_ID_BYTES * 2 or not _is_hex(owner):
+            raise ValueError("not a lease owner")
+        return int(await self._drop_owner(keys=self._keys, args=[_time(now), owner]))
 
     async def finish(
         self,
@@ -927,6 +1136,26 @@ class Scheduler:
         until = rate_limit_until(headers, now)
         await self.quarantine(account_id, "rate_limited", until, error, now)
 
+    async def back_off(
+        self, account_id: str, error: str | None = None, now: float | None = None
+    ) -> float | None:
+        """After a 529: pass the account over for ``backoff_base`` seconds, doubling while 529s
+        continue (one arriving less than the last backoff's length after it ended), at most
+        ``backoff_max``. Not a quarantine: no probe, no operator action, and it ends by itself.
+        Returns when the backoff ends (None when the account is quarantined anyway)."""
+        reply = await self._backoff(
+            keys=[*self._keys, self._base + "bo"],
+            args=[
+                _time(now),
+                account_id,
+                repr(self._backoff_base),
+                repr(self._backoff_max),
+                (error or "")[:_ERROR_MAX],
+            ],
+        )
+        text = _str(reply)
+        return float(text) if text else None
+
     async def clear_quarantine(self, account_id: str, now: float | None = None) -> None:
         """Return an account to service (the health job, after a successful probe)."""
         await self._clear(keys=self._keys, args=[_time(now), account_id])
@@ -957,7 +1186,7 @@ class Scheduler:
 
     async def forget(self, account_id: str) -> None:
         """Drop every trace of an account (it was removed from the pool)."""
-        await self._forget(keys=self._keys, args=[account_id])
+        await self._forget(keys=[*self._keys, self._base + "bo"], args=[account_id])
 
     # -- views -------------------------------------------------------------------------------
 
@@ -975,10 +1204,13 @@ class Scheduler:
             qtext, inflight, hr, err, score = (_str(v) for v in row)
             reason: str | None = None
             until: float | None = None
+            backoff: float | None = None
             if qtext:
                 reason, until = _parse_quarantine(qtext)
                 if until is not None and until <= clock:
                     reason, until = None, None
+                elif reason == BACKOFF:
+                    reason, until, backoff = None, None, until
             result[account_id] = AccountState(
                 account_id=account_id,
                 quarantined=reason is not None,
@@ -988,6 +1220,7 @@ class Scheduler:
                 headroom=_decode_families(hr),
                 last_error=err or None,
                 score=float(score),
+                backoff_until=backoff,
             )
         return result
 
@@ -1000,6 +1233,8 @@ class Scheduler:
         found: list[tuple[str, str, float | None]] = []
         for account_id, text in raw.items():
             reason, until = _parse_quarantine(_str(text))
+            if reason == BACKOFF:
+                continue
             if until is None or until > now:
                 found.append((_str(account_id), reason, until))
         return sorted(found)

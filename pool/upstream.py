@@ -11,6 +11,7 @@ for the request (spec §4, contract §7).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -107,6 +108,15 @@ class UpstreamResponse:
             self._response.close()
 
 
+class HeaderTimeout(TimeoutError):
+    """The upstream accepted the request but sent no status line and headers in time (an
+    account that hangs). The attempt's connection is closed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no response headers from the upstream within {seconds:.1f} s")
+        self.seconds = seconds
+
+
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, OSError, TimeoutError)
 
 
@@ -149,16 +159,33 @@ class UpstreamClient:
         headers: Mapping[str, str],
         content: bytes | None,
         connect_timeout: float,
+        header_timeout: float | None = None,
     ) -> UpstreamResponse:
+        """Send the request and wait for the status line and headers: at most
+        ``header_timeout`` seconds in all when given (:class:`HeaderTimeout`), else only the
+        socket read timeout bounds the wait. A wait cut short (the timeout, or the caller
+        cancelled) closes the request's connection, which stops the upstream request; the
+        body's reads are bounded by the read timeout alone."""
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout,
             sock_connect=connect_timeout,
             sock_read=self._read_timeout,
         )
-        response = await self._get_session().request(
+        request = self._get_session().request(
             method, url, headers=headers, data=content, allow_redirects=False, timeout=timeout
         )
+        if header_timeout is None:
+            return UpstreamResponse(await request)
+        # aiohttp closes the connection of a request cancelled before its headers arrived.
+        waiting = asyncio.timeout(header_timeout)
+        try:
+            async with waiting:
+                response = await request
+        except TimeoutError:
+            if waiting.expired():
+                raise HeaderTimeout(header_timeout) from None
+            raise
         return UpstreamResponse(response)
 
     async def aclose(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import weakref
 from collections.abc import Awaitable, Callable
@@ -267,5 +268,40 @@ def test_concurrent_settlements_keep_every_book_exact(database_url: str, path: s
             0,
             1_000_000 - sum(c for r, c in requests if r.customer_id == a),
         )
+
+    run(database_url, body)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("POOLRELAY_TEST_DATABASE_URL"), reason="group commit runs on PostgreSQL"
+)
+def test_a_poisoned_batch_fails_only_its_poisoned_items(database_url: str) -> None:
+    """Holds and settlements the database refuses (a NUL byte, a value longer than its
+    column) fail alone; the other customers' items of the same group-commit batch go through
+    (issue 12, item 3: 10 % of valid requests got 500 while one customer sent bad ones)."""
+
+    async def body(db: Database) -> None:
+        good = [await new_customer(db, 1_000_000) for _ in range(6)]
+        bad = await new_customer(db, 1_000_000)
+        requests = [hold_request(c, 1_000) for c in good]
+        poisoned = [
+            dataclasses.replace(hold_request(bad, 1_000), requested_model="claude\x00haiku"),
+            dataclasses.replace(hold_request(bad, 1_000), session_id="s" * 300),
+        ]
+        pg = writer(db)
+        mixed = [requests[0], poisoned[0], *requests[1:4], poisoned[1], *requests[4:]]
+        results = await asyncio.gather(*(pg.place(r) for r in mixed), return_exceptions=True)
+        by_id = dict(zip((r.request_id for r in mixed), results, strict=True))
+        assert all(by_id[r.request_id] is None for r in requests), results
+        assert all(isinstance(by_id[r.request_id], Exception) for r in poisoned), results
+        assert pg.placing.batches < len(mixed)  # they really shared batches
+        outcome = Outcome(status="ok", upstream_request_id="r" * 300, error="bad\x00text")
+        settled = await asyncio.gather(
+            *(pg.settle(r.request_id, Usage(input_tokens=5), 500, outcome) for r in requests)
+        )
+        assert settled == [True] * len(requests)
+        for customer_id in good:
+            assert await balances(db, customer_id) == (999_500, 0, 999_500)
+        assert await balances(db, bad) == (1_000_000, 0, 1_000_000)
 
     run(database_url, body)

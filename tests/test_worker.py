@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from app import instances
 from billing import holds
 from billing.holds import HoldRequest
 from tests.conftest import REDIS_URL
@@ -37,6 +38,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.2) -
             return True
         time.sleep(step)
     return predicate()
+
+
+async def age_redis_memory(redis: Any, seconds: float = 3600.0) -> None:
+    """Make Redis look as if its memory began ``seconds`` ago (app/instances.py's epoch)."""
+    await redis.set(instances.EPOCH_KEY, repr(time.time() - seconds))
 
 
 def account(relay: RelayServer, name: str) -> dict[str, Any]:
@@ -120,6 +126,8 @@ def test_worker_probes_and_reconciles(
         check_recovered(relay, fake, customer_id, key)
         return
 
+    # Redis has been up for long (a fresh epoch would make the worker wait for heartbeats)
+    relay.call(lambda: age_redis_memory(relay.services.redis))
     log = tmp_path / "worker.log"
     env = {**os.environ, **settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}
     with log.open("wb") as out:

@@ -12,48 +12,82 @@ from typing import Any
 
 import orjson
 
-from app.relay.service import progress_key
+from app import instances
 from app.state import Services
 from billing import reconcile, usage
 from billing.models import Hold
 from billing.pricing import Usage
+from billing.reconcile import progress_key
 from pool import accounts as account_repo
 from pool.health import probe
 
 log = logging.getLogger("poolrelay.jobs")
 
-MAX_REQUEST_AGE = timedelta(hours=3)
 PROBE_BACKOFF_MIN = 5.0
 PROBE_BACKOFF_MAX = 600.0
 BILLING_FIRST_PROBE = 900.0
+SETTLEMENT_MARGIN = timedelta(minutes=15)
+"""Beyond the longest request: time a live relay's settlement may still take (retries)."""
 
 
 def instance_key(instance_id: str) -> str:
-    return f"poolrelay:instance:{instance_id}"
+    return instances.instance_key(instance_id)
 
 
 async def heartbeat(services: Services) -> None:
-    await services.redis.set(
-        instance_key(services.instance_id), b"1", ex=services.settings.heartbeat_seconds
+    await instances.heartbeat(
+        services.redis, services.instance_id, services.settings.heartbeat_seconds
     )
 
 
-async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
+def max_hold_age(services: Services) -> timedelta:
+    """A hold older than this outlived the longest request the relay allows (and the time its
+    settlement may take): its process cannot still be serving it."""
+    return timedelta(seconds=services.settings.max_request_seconds) + SETTLEMENT_MARGIN
+
+
+async def _liveness(ctx: dict[str, Any]) -> tuple[bool, Any]:
+    """Whether heartbeats can be trusted now (Redis did not just come back empty), and an
+    ``is_alive(instance_id)`` that answers True for any process that may be alive."""
     services: Services = ctx["services"]
+    own = None if ctx.get("worker") else services.instance_id
+    settings = services.settings
+    # An in-process Redis began with this process: it cannot have forgotten a live relay.
+    fresh = not settings.is_memory_redis and await instances.memory_is_fresh(
+        services.redis, settings.heartbeat_seconds
+    )
 
     async def is_alive(instance_id: str) -> bool:
-        if instance_id == services.instance_id and not ctx.get("worker"):
+        if instance_id == own or fresh:
             return True
-        return bool(await services.redis.exists(instance_key(instance_id)))
+        return await instances.is_alive(services.redis, instance_id)
 
+    return not fresh, is_alive
+
+
+async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Finish the holds of relays that died, drop their leases, and check the books."""
+    services: Services = ctx["services"]
     report = reconcile.Report()
     book = await services.prices.get()
     stale: list[Hold] = []
     if not (ctx.get("worker") and services.settings.is_memory_redis):
         # A separate process with an in-memory Redis cannot see the server's heartbeats: it
         # only checks the books; the embedded server finishes its own left-behind holds.
+        trusted, is_alive = await _liveness(ctx)
+        report.heartbeats_trusted = trusted
+        if not trusted:
+            log.warning(
+                "Redis came back empty less than %.0f s ago: holds of relays without a "
+                "heartbeat are kept until the live ones have beaten again",
+                instances.grace_seconds(services.settings.heartbeat_seconds),
+                extra={"event": "redis_memory_fresh"},
+            )
         async with services.db.transaction() as session:
-            stale = await reconcile.stale_holds(session, is_alive=is_alive, max_age=MAX_REQUEST_AGE)
+            stale = await reconcile.stale_holds(
+                session, is_alive=is_alive, max_age=max_hold_age(services)
+            )
+        report.leases_dropped = await _drop_dead_leases(services, is_alive)
     for hold in stale:
         raw = await services.redis.get(progress_key(hold.request_id))
         progress = None
@@ -70,7 +104,7 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
             report.holds_released += 1
         await services.redis.delete(progress_key(hold.request_id))
     async with services.db.transaction() as session:
-        report.discrepancies = await reconcile.verify_books(session)
+        report.discrepancies = await reconcile.verify_books(session, book.match)
     metrics = services.metrics
     metrics.discrepancies.set(len(report.discrepancies))
     if report.holds_settled:
@@ -92,6 +126,34 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
     if stale:
         log.info("reconciliation finished %d left-behind holds", len(stale))
     return report.as_dict()
+
+
+async def drop_dead_leases(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Give back at once the concurrency slots of relay processes that stopped heart-beating
+    (their leases would otherwise keep the slots until they expire)."""
+    services: Services = ctx["services"]
+    if ctx.get("worker") and services.settings.is_memory_redis:
+        return {"leases_dropped": 0}
+    _trusted, is_alive = await _liveness(ctx)
+    return {"leases_dropped": await _drop_dead_leases(services, is_alive)}
+
+
+async def _drop_dead_leases(services: Services, is_alive: Any) -> int:
+    dropped = 0
+    for owner in await services.scheduler.lease_owners():
+        instance_id = instances.instance_of(owner)
+        if await is_alive(instance_id):
+            continue
+        n = await services.scheduler.drop_owner(owner)
+        if n:
+            dropped += n
+            log.info(
+                "dropped %d leases of relay %s, which stopped heart-beating",
+                n,
+                instance_id,
+                extra={"event": "leases_dropped", "instance_id": instance_id},
+            )
+    return dropped
 
 
 def _probe_key(account_id: str) -> str:

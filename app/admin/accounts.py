@@ -55,6 +55,7 @@ async def account_views(services: Services, rows: list[UpstreamAccount]) -> list
                 "status": status,
                 "quarantine_reason": reason,
                 "quarantined_until": until,
+                "backoff_until": _iso(state.backoff_until) if state is not None else None,
                 "in_flight": state.in_flight if state is not None else 0,
                 "headroom": headroom,
                 "score": state.score if state is not None else None,

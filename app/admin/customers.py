@@ -56,6 +56,7 @@ class KeyCreate(BaseModel):
     name: str = Field(default="default", min_length=1, max_length=200)
     rpm: int | None = Field(default=None, ge=1, le=1_000_000)
     tpm: int | None = Field(default=None, ge=1, le=1_000_000_000)
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
     daily_budget_usd: Number | None = None
     monthly_budget_usd: Number | None = None
     budget_action: str = "block"
@@ -124,6 +125,7 @@ async def create_key(customer_id: str, body: KeyCreate, session: SessionDep) -> 
     policy = KeyPolicy(
         rpm=body.rpm,
         tpm=body.tpm,
+        max_concurrency=body.max_concurrency,
         daily_budget_micros=_budget(body.daily_budget_usd, "daily_budget_usd"),
         monthly_budget_micros=_budget(body.monthly_budget_usd, "monthly_budget_usd"),
         budget_action=body.budget_action,

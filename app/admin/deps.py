@@ -74,6 +74,7 @@ def key_view(key: CustomerKey) -> dict[str, Any]:
         "status": key.status,
         "rpm": key.rpm,
         "tpm": key.tpm,
+        "max_concurrency": key.max_concurrency,
         "daily_budget_usd": _usd(key.daily_budget_micros),
         "monthly_budget_usd": _usd(key.monthly_budget_micros),
         "budget_action": key.budget_action,

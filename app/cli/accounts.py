@@ -27,7 +27,12 @@ def register(sub: Any) -> None:
     a.add_argument(
         "--models", help="comma-separated model patterns this account may serve (default: all)"
     )
-    a.add_argument("--max-concurrency", type=int, default=16)
+    a.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="in-flight requests at once (default: no cap; headroom and the upstream's 429s govern)",
+    )
     a.add_argument("--weight", type=float, default=1.0)
     a.set_defaults(handler=cmd_add)
 

@@ -48,6 +48,7 @@ def _configure_logging(settings: Settings) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from app.http_protocol import http_protocol
     from app.main import SettingsError, create_app
 
     host = args.host or settings.host
@@ -64,7 +65,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        # httptools, closing connections whose request headers take too long
+        http=http_protocol(settings.client_header_timeout),
         log_level=settings.log_level.lower(),
         access_log=False,
         proxy_headers=False,  # the relay never uses the client address

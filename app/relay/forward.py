@@ -6,6 +6,13 @@ account's credential, and reads the status line. An answer that is the account's
 the pool's table says, and the request moves to another account — up to ``MAX_ATTEMPTS`` and
 within the request deadline. Nothing has reached the customer yet at that point. A request the
 upstream rejects on its merits (any other 4xx) comes back as it is.
+
+Each attempt waits for the response headers only so long (:func:`header_budget`): an account
+that accepts the connection and never answers is an account failure like a refused
+connection — its connection is closed, its lease released, its circuit breaker counts it — and
+the request moves on while attempts and time remain. A caller that cancels
+:func:`open_upstream` (the client went away) gets the attempt's lease released and its
+connection closed too.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app import errors
+from app.settings import Settings
 from app.state import Services
 from pool import accounts as account_repo
 from pool.accounts import LiveAccount
@@ -28,6 +36,7 @@ from pool.scheduler import Lease
 from pool.upstream import (
     QUARANTINE_REASON,
     TRANSPORT_ERRORS,
+    HeaderTimeout,
     UpstreamResponse,
     Verdict,
     classify,
@@ -36,6 +45,47 @@ from pool.upstream import (
 )
 
 log = logging.getLogger("poolrelay.relay")
+
+
+GENERATION_SECONDS_PER_TOKEN = 3600.0 / 128_000
+"""How long the anthropic SDK expects a non-streaming answer to take per output token (it
+refuses a non-streaming request whose ``max_tokens`` makes that more than 10 minutes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderBudget:
+    """How long the upstream may take to send a request's response headers.
+
+    ``total``: seconds from the request's start by which they must be in hand, whichever
+    attempt brings them; ``floor``: the least one attempt is given while ``total`` allows (the
+    time a non-streaming answer may legitimately take before its first header)."""
+
+    total: float
+    floor: float = 0.0
+
+    def attempt(self, left: float, attempts_left: int) -> float:
+        """One attempt's wait: an even share of what is left of ``total`` among the attempts
+        left (so that a hanging account leaves time to fail over), at least ``floor``, at
+        most what is left."""
+        share = left / max(1, attempts_left)
+        return max(0.0, min(left, max(share, self.floor)))
+
+
+def header_budget(
+    settings: Settings, *, streaming: bool, max_tokens: int | None = None
+) -> HeaderBudget:
+    """The response-header budget of a request.
+
+    A streaming Messages request (and count_tokens, models: small answers) gets its headers
+    at once, so it has what is left of ``REQUEST_DEADLINE``. A non-streaming Messages request
+    gets them only once the whole answer is generated, which may take minutes: it has
+    ``max(REQUEST_DEADLINE, min(UPSTREAM_READ_TIMEOUT, 3600 s × max_tokens / 128000))`` from
+    the request's start, and each attempt at least the expected generation time."""
+    deadline = settings.request_deadline
+    if streaming or not max_tokens:
+        return HeaderBudget(deadline)
+    expected = min(settings.upstream_read_timeout, max_tokens * GENERATION_SECONDS_PER_TOKEN)
+    return HeaderBudget(max(deadline, expected), floor=expected)
 
 
 @dataclass
@@ -102,16 +152,21 @@ async def open_upstream(
     started: float,
     gate: Awaitable[None] | None = None,
     trace: Trace | None = None,
+    header: HeaderBudget | None = None,
 ) -> Opened:
     """Lease an account and send the request to it, failing over before the first byte.
 
     ``gate`` (the request's hold, still being placed) is awaited after the first lease and
     before anything is sent, so the two round trips overlap; when it raises, the lease is given
-    back and its error propagates. ``trace`` collects the attempts made.
+    back and its error propagates. ``trace`` collects the attempts made. ``header`` bounds the
+    wait for each attempt's response headers (default: what is left of ``REQUEST_DEADLINE``,
+    see :func:`header_budget`).
     """
     trace = trace if trace is not None else Trace()
     settings = services.settings
     deadline = started + settings.request_deadline
+    header = header if header is not None else HeaderBudget(settings.request_deadline)
+    headers_due = started + header.total
     exclude: set[str] = set()
     failures: list[str] = []
     last_verdict: Verdict | None = None
@@ -137,72 +192,97 @@ async def open_upstream(
             if attempt == 1:
                 raise
             raise errors.overloaded() from None
-        account = live[lease.account_id]
-        if gate is not None:
-            try:
-                await gate
-            except BaseException:
-                await services.scheduler.release(lease)
-                raise
-            gate = None
-        trace.attempts = attempt
-        trace.accounts.append(account.id)
-        url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
-        timeout_left = max(1.0, deadline - time.monotonic())
-        sent = time.monotonic()
+        held: Lease | None = lease  # until released or handed to the caller
+        response: UpstreamResponse | None = None
         try:
-            response = await services.upstream.send(
-                method,
-                url,
-                headers=upstream_headers(headers, account.credential.reveal()),
-                content=content,
-                connect_timeout=min(settings.upstream_connect_timeout, timeout_left),
-            )
-        except TRANSPORT_ERRORS as exc:
-            await services.scheduler.release(lease)
-            reason = f"{type(exc).__name__}: connection to upstream failed"
-            failures.append(reason)
-            services.metrics.failovers.labels("connection").inc()
-            await _on_failure(services, account.id, reason)
-            exclude.add(account.id)
-            last_verdict = Verdict.SERVER_ERROR
-            if time.monotonic() >= deadline:
+            account = live[lease.account_id]
+            if gate is not None:
+                # Shielded: a request cancelled meanwhile must not cancel the placement,
+                # whose outcome the caller still reads.
+                await asyncio.shield(gate)
+                gate = None
+            sent = time.monotonic()
+            wait = header.attempt(headers_due - sent, settings.max_attempts - attempt + 1)
+            if wait <= 0:  # the time for the headers ran out before this attempt
+                await services.scheduler.release(lease)
+                held = None
                 break
-            continue
-        arrived = time.monotonic()
-        services.metrics.upstream_latency.observe(arrived - sent)
-        ttfb_ms = int((arrived - started) * 1000)
-        now = time.time()
-        if response.status_code < 400:
-            # Headroom from a success is stored when the request ends (Scheduler.finish: one
-            # Redis call for lease, headroom and breaker).
-            return Opened(
-                response,
-                account,
-                lease,
-                attempt,
-                Verdict.OK,
-                ttfb_ms,
-                failures=failures,
-                trace=trace,
-            )
-        await services.scheduler.record_headers(account.id, response.headers, now)
-        body = await response.aread()
-        await response.aclose()
-        verdict = classify(response.status_code, body)
-        if verdict is Verdict.CUSTOMER_ERROR:
-            return Opened(
-                response,
-                account,
-                lease,
-                attempt,
-                verdict,
-                ttfb_ms,
-                body=body,
-                failures=failures,
-                trace=trace,
-            )
-        await services.scheduler.release(lease)
+            trace.attempts = attempt
+            trace.accounts.append(account.id)
+            url = f"{account.base_url}{path}" + (f"?{query}" if query else "")
+            try:
+                response = await services.upstream.send(
+                    method,
+                    url,
+                    headers=upstream_headers(headers, account.credential.reveal()),
+                    content=content,
+                    connect_timeout=min(settings.upstream_connect_timeout, wait),
+                    header_timeout=wait,
+                )
+            except TRANSPORT_ERRORS as exc:
+                await services.scheduler.release(lease)
+                held = None
+                if isinstance(exc, HeaderTimeout):
+                    reason, label = f"HeaderTimeout: {exc}", "timeout"
+                else:
+                    reason, label = (
+                        f"{type(exc).__name__}: connection to upstream failed",
+                        "connection",
+                    )
+                failures.append(reason)
+                services.metrics.failovers.labels(label).inc()
+                await on_failure(services, account.id, reason)
+                exclude.add(account.id)
+                last_verdict = Verdict.SERVER_ERROR
+                log.info("upstream attempt %d on %s failed: %s", attempt, account.name, reason)
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            arrived = time.monotonic()
+            services.metrics.upstream_latency.observe(arrived - sent)
+            ttfb_ms = int((arrived - started) * 1000)
+            now = time.time()
+            if response.status_code < 400:
+                # Headroom from a success is stored when the request ends (Scheduler.finish: one
+                # Redis call for lease, headroom and breaker).
+                held = None
+                return Opened(
+                    response,
+                    account,
+                    lease,
+                    attempt,
+                    Verdict.OK,
+                    ttfb_ms,
+                    failures=failures,
+                    trace=trace,
+                )
+            await services.scheduler.record_headers(account.id, response.headers, now)
+            body = await response.aread()
+            await response.aclose()
+            verdict = classify(response.status_code, body)
+            if verdict is Verdict.CUSTOMER_ERROR:
+                held = None
+                return Opened(
+                    response,
+                    account,
+                    lease,
+                    attempt,
+                    verdict,
+                    ttfb_ms,
+                    body=body,
+                    failures=failures,
+                    trace=trace,
+                )
+            await services.scheduler.release(lease)
+            held = None
+        except BaseException:
+            # Cancelled (the client went away) or failed mid-attempt: the connection closes and
+            # the lease goes back, even while this task is being cancelled.
+            if response is not None:
+                await response.aclose()
+            if held is not None:
+                await asyncio.shield(services.scheduler.release(held))
+            raise
         info = parse_error(body)
         detail = f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
         failures.append(detail)
@@ -218,7 +298,7 @@ async def open_upstream(
         elif verdict in QUARANTINE_REASON:
             await _note_quarantine(services, account.id, QUARANTINE_REASON[verdict], None, detail)
         elif verdict is Verdict.SERVER_ERROR:
-            await _on_failure(services, account.id, detail)
+            await on_failure(services, account.id, detail)
         elif verdict is Verdict.OVERLOADED:
             await asyncio.sleep(min(0.25 * attempt, 1.0))
         log.info("upstream attempt %d on %s failed: %s", attempt, account.name, detail)
@@ -238,7 +318,9 @@ async def read_and_release(services: Services, opened: Opened) -> bytes:
         await services.scheduler.release(opened.lease)
 
 
-async def _on_failure(services: Services, account_id: str, reason: str) -> None:
+async def on_failure(services: Services, account_id: str, reason: str) -> None:
+    """Count an account failure (5xx, timeout, broken connection or stream) toward its circuit
+    breaker; when it trips, the quarantine (``upstream_errors``) is also kept in the database."""
     tripped = await services.scheduler.record_failure(account_id, reason)
     if tripped:
         services.metrics.quarantines.labels("upstream_errors").inc()

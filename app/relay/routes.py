@@ -74,7 +74,8 @@ class CustomerApi:
         trace = Trace()
         try:
             key = await self._auth(request)
-            raw = await read_body(request, self.services.settings.max_body_bytes)
+            settings = self.services.settings
+            raw = await read_body(request, settings.max_body_bytes, settings.client_body_timeout)
             body = parse_json_object(raw)
             found = body.get("model")
             model = found if isinstance(found, str) else None

@@ -31,14 +31,14 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import errors
+from app import errors, http_limits
 from app.errors import to_api_error
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge
-from app.relay.forward import Opened, Trace, open_upstream
+from app.relay.forward import Opened, Trace, header_budget, on_failure, open_upstream
 from app.relay.sse import StreamMeter
-from app.relay.stream import RelayStream, StreamEnd
+from app.relay.stream import ClientWatch, RelayStream, StreamEnd
 from app.state import Services
 from billing import budgets, holds, request_log
 from billing.budgets import Budget, Reservation
@@ -50,9 +50,11 @@ from billing.holds_pg import PLACE_TIMEOUT_SECONDS
 from billing.ids import new_id
 from billing.money import format_usd
 from billing.pricing import Price, Usage, cost_micros
+from billing.reconcile import progress_key
 from billing.request_log import Entry
 from pool.affinity import affinity_key, session_id
 from pool.errors import PoolError
+from pool.patterns import model_matches
 from pool.upstream import customer_headers
 
 log = logging.getLogger("poolrelay.relay")
@@ -64,26 +66,11 @@ RETRY_MAX_DELAY = 30.0
 __all__ = ["Relay", "check_model_allowed", "check_model_id", "model_matches", "read_body"]
 
 
-def progress_key(request_id: str) -> str:
-    return f"poolrelay:progress:{request_id}"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise errors.too_large(limit)
-        except ValueError:
-            raise errors.invalid_request("invalid content-length header") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
+    """The request's body: at most ``limit`` bytes (413, readable by the client: the rest of
+    the body is read and dropped first, within bounds), all of it within ``seconds`` (408
+    ``timeout_error``, connection closed). See :mod:`app.http_limits`."""
+    return await http_limits.read_body(request.receive, request.headers, limit, seconds)
 
 
 MODEL_MAX_CHARS = 200
@@ -115,13 +102,6 @@ def validate_messages_body(body: dict[str, Any]) -> None:
         raise errors.invalid_request("messages: Field required (a list of messages)")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise errors.invalid_request("stream: must be a boolean")
-
-
-def model_matches(model: str, pattern: str) -> bool:
-    """``claude-haiku-4-5`` allows its dated ids; a trailing ``*`` is a prefix match."""
-    if pattern.endswith("*"):
-        return model.startswith(pattern[:-1])
-    return model == pattern or model.startswith(pattern + "-")
 
 
 def check_model_allowed(key: KeyContext, model: str) -> None:
@@ -628,7 +608,8 @@ class Relay:
         try:
             key = await self.services.keys.authenticate(request.headers)
             self.touch(key)
-            raw = await read_body(request, self.services.settings.max_body_bytes)
+            settings = self.services.settings
+            raw = await read_body(request, settings.max_body_bytes, settings.client_body_timeout)
             body = edge.parse(raw)
             validate_messages_body(body)
             edited = await self.route(key, body, notes)
@@ -728,6 +709,8 @@ class Relay:
             # this request behind all the others.)
             await asyncio.sleep(0)
         trace = Trace()
+        # The client may leave while the upstream thinks: then the attempt stops at once.
+        watch = ClientWatch(request.receive)
         try:
             opened = await open_upstream(
                 services,
@@ -744,8 +727,17 @@ class Relay:
                 started=billed.started,
                 gate=billed.placement,
                 trace=trace,
+                header=header_budget(
+                    services.settings, streaming=billed.stream, max_tokens=billed.max_tokens
+                ),
             )
+        except asyncio.CancelledError:
+            watch.stop()
+            if not watch.withdraw():
+                raise
+            return await self._client_left(billed, trace, edge)
         except Exception as exc:
+            watch.stop()
             refusal = await self._placement_error(billed)
             if refusal is not None:  # no hold: the balance (or the customer) said no
                 return await self._refuse(
@@ -774,6 +766,7 @@ class Relay:
             )
             api_error.headers = {**billed.headers, **api_error.headers}
             return edge.render_error(api_error, request_id)
+        watch.stop()
 
         headers = customer_headers(opened.response.headers)
         headers.extend(billed.headers.items())
@@ -805,8 +798,33 @@ class Relay:
                 ),
                 on_started=lambda meter: self._record_progress(billed, meter),
                 transform=edge.stream_transform(body),
+                max_seconds=services.settings.max_request_seconds,
+                started=billed.started,
             )
         return await self._finish_json(billed, opened, headers, edge)
+
+    async def _client_left(self, billed: Billed, trace: Trace, edge: Edge) -> Response:
+        """The client closed the connection before the upstream answered: the attempt was
+        stopped (its connection closed, its lease released); the hold goes back now. The
+        answer is never sent."""
+        if await self._placement_error(billed) is None:  # else no hold was placed
+            await self._release_quietly(
+                billed,
+                Outcome(
+                    status="client_disconnect",
+                    http_status=499,
+                    error="the client closed the connection before the upstream answered",
+                    attempts=trace.attempts,
+                    accounts_tried=trace.accounts,
+                    account_id=trace.accounts[-1] if trace.accounts else None,
+                ),
+            )
+        return edge.render_error(
+            errors.ApiError(
+                499, "api_error", "The client closed the connection before the upstream answered."
+            ),
+            billed.request_id,
+        )
 
     async def _finish_json(
         self, billed: Billed, opened: Opened, headers: list[tuple[str, str]], edge: Edge
@@ -915,6 +933,11 @@ class Relay:
     ) -> None:
         renewal.cancel()
         ending = self._end_lease(opened, success=end.status == "ok")
+        if end.account_fault:  # the account broke the stream: its circuit breaker counts it
+            try:
+                await on_failure(self.services, opened.account.id, end.error or "stream failed")
+            except Exception:
+                log.warning("could not count a stream failure of %s", opened.account.id)
         usage: Usage | None = None
         estimate = False
         if meter.started:

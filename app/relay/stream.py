@@ -5,7 +5,11 @@
 client goes away the upstream read is cancelled at once. Whatever happens — ``message_stop``,
 an upstream error event, a broken upstream connection, a client disconnect, a server shutdown —
 ``on_finish`` runs exactly once, in a task of its own shielded from cancellation, so the hold is
-always settled.
+always settled. A stream still running ``max_seconds`` after the request arrived is ended by
+the relay: one ``error`` event, and the usage so far is charged.
+
+:class:`ClientWatch` watches the client connection while the upstream has not answered yet
+(the body is read, so the next ASGI ``receive()`` only returns when the client goes away).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
+from starlette.types import Receive as AsgiReceive
 
 from app.relay.sse import StreamMeter
 from pool.upstream import TRANSPORT_ERRORS, UpstreamResponse
@@ -46,12 +51,66 @@ class StreamTransform(Protocol):
 
 
 class StreamEnd:
-    """How the stream ended: ``ok``, ``client_disconnect``, ``upstream_error``."""
+    """How the stream ended: ``ok``, ``client_disconnect``, ``upstream_error``.
+
+    ``account_fault``: the upstream account failed the stream (a broken connection, a
+    truncated stream, an upstream error event), which counts toward its circuit breaker;
+    false for a stream the relay itself ended at ``max_seconds`` (also ``upstream_error``: it
+    was used and is charged, but did not end as the upstream meant it to)."""
 
     def __init__(self) -> None:
         self.status = "ok"
         self.error: str | None = None
         self.first_byte_ms: int | None = None
+        self.account_fault = False
+
+    def failed(self, error: str, *, account_fault: bool = True) -> None:
+        self.status = "upstream_error"
+        self.error = error
+        self.account_fault = account_fault
+
+
+class ClientWatch:
+    """Cancels the task that made it when the client closes the connection.
+
+    For the wait before the upstream answers: once the request body is read, ASGI's next
+    ``receive()`` returns only ``http.disconnect`` (uvicorn remembers it, so a later watcher,
+    :class:`RelayStream`'s, sees it again). Call :meth:`stop` as soon as the watched wait
+    ends; on ``CancelledError``, :meth:`withdraw` says whether the cancellation was this
+    watch's (the client left) and takes it back.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "left")
+
+    def __init__(self, receive: AsgiReceive) -> None:
+        self.left = False
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:  # no receive channel to watch (an in-process caller): nothing to do
+            return
+        self.left = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def stop(self) -> None:
+        """Stop watching (an in-flight ``receive()`` is cancelled cleanly, consuming nothing)."""
+        self._watcher.cancel()
+
+    def withdraw(self) -> bool:
+        """After a ``CancelledError``: True when the client's leaving caused it, which is then
+        taken back (:meth:`asyncio.Task.uncancel`); False for anyone else's cancellation."""
+        if not self.left or self._task is None:
+            return False
+        self._task.uncancel()
+        return True
 
 
 class RelayStream:
@@ -62,6 +121,9 @@ class RelayStream:
         on_finish: Callable[[StreamMeter, StreamEnd], Awaitable[None]],
         on_started: Callable[[StreamMeter], Awaitable[None]] | None = None,
         transform: StreamTransform | None = None,
+        *,
+        max_seconds: float | None = None,
+        started: float | None = None,
     ) -> None:
         self.upstream = upstream
         self.headers = headers
@@ -70,6 +132,10 @@ class RelayStream:
         self.transform = transform
         self.meter = StreamMeter()
         self.end = StreamEnd()
+        self.max_seconds = max_seconds
+        """The longest the request may run (``MAX_REQUEST_SECONDS``), from ``started``
+        (``time.monotonic()``; default: when the stream starts)."""
+        self.started = started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         disconnected = asyncio.Event()
@@ -113,37 +179,49 @@ class RelayStream:
         transform = self.transform
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         announced = False
+        limit: float | None = None
+        if self.max_seconds is not None:
+            limit = self.max_seconds - (started - (self.started or started))
+        longest = asyncio.timeout(limit)
         try:
-            async for chunk in self.upstream.aiter_raw():
-                if not chunk:
-                    continue
-                meter.feed(chunk)
-                if self.end.first_byte_ms is None:
-                    self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
-                out = transform.feed(chunk) if transform is not None else chunk
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-                if not announced and meter.started and self.on_started is not None:
-                    announced = True
-                    await self.on_started(meter)
+            async with longest:
+                async for chunk in self.upstream.aiter_raw():
+                    if not chunk:
+                        continue
+                    meter.feed(chunk)
+                    if self.end.first_byte_ms is None:
+                        self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
+                    out = transform.feed(chunk) if transform is not None else chunk
+                    if out:
+                        await send({"type": "http.response.body", "body": out, "more_body": True})
+                    if not announced and meter.started and self.on_started is not None:
+                        announced = True
+                        await self.on_started(meter)
         except TRANSPORT_ERRORS as exc:
-            self.end.status = "upstream_error"
-            self.end.error = f"{type(exc).__name__}: the upstream stream broke"
-            if meter.error is None:
-                await self._send_error(
-                    "api_error", "The upstream connection failed mid-stream.", send
+            if longest.expired():
+                self.end.failed(
+                    f"the request ran longer than MAX_REQUEST_SECONDS ({self.max_seconds:g} s) "
+                    "and was ended by the relay",
+                    account_fault=False,
                 )
+                message = (
+                    "The request exceeded the longest time the relay allows "
+                    f"({self.max_seconds:g} s) and was ended."
+                )
+            else:
+                self.end.failed(f"{type(exc).__name__}: the upstream stream broke")
+                message = "The upstream connection failed mid-stream."
+            if meter.error is None:
+                await self._send_error("api_error", message, send)
             await self._close(send)
             return
         if meter.error is not None:
-            self.end.status = "upstream_error"
             err = meter.error.get("error") if isinstance(meter.error, dict) else None
-            self.end.error = (
+            self.end.failed(
                 f"upstream error event: {err.get('type') if isinstance(err, dict) else err}"
             )
         elif not meter.stopped:
-            self.end.status = "upstream_error"
-            self.end.error = "the upstream stream ended before message_stop"
+            self.end.failed("the upstream stream ended before message_stop")
             await self._send_error("api_error", "The upstream stream ended unexpectedly.", send)
         await self._close(send)
 
