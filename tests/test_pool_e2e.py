@@ -141,6 +141,7 @@ def test_failover_hides_the_fault_and_quarantines_the_account(
             if reason in ("rate_limited", "upstream_errors"):
                 assert bad["quarantined_until"] is not None
 
+    started = time.monotonic()
     with sdk(relay, key) as client:
         for i in range(tries):  # JSON: the fault comes before any byte, the customer sees 200
             assert "failover" in ask(client, text=f"failover {i}")
@@ -160,9 +161,14 @@ def test_failover_hides_the_fault_and_quarantines_the_account(
             ask(client, stream=i % 2 == 1, text=f"after {i}")
         a, c, b = counts(fake, KEY_A, KEY_C, KEY_B)
         if reason is None:
-            # 529: both stay in service; every later request tries bad-stream, then bad-json
-            # (the 3rd and last attempt of MAX_ATTEMPTS = 3 is the good account)
-            assert (a, c, b) == (1 + 1 + after, 1 + after, 2 + after)
+            # 529: both stay in service, but are passed over for a backoff (2 s, doubling
+            # while 529s continue), so later requests go to the good account without paying
+            # a failed round trip first (issue 13, item 3)
+            assert b == 2 + after
+            assert a + c <= 2 + 2 * after
+            if time.monotonic() - started < 2.0:  # within the first backoff
+                assert (a, c) == (1, 1)
+            assert accounts(relay)["bad-json"]["status"] == "active"
         else:
             assert (a, c) == (tries, tries), "a quarantined account received traffic"
             assert b == 2 * tries + after

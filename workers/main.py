@@ -94,12 +94,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 reconcile_billing = tolerant(tasks.reconcile_billing)
 probe_accounts = tolerant(tasks.probe_accounts)
 rollup_usage = tolerant(tasks.rollup_usage)
+drop_dead_leases = tolerant(tasks.drop_dead_leases)
 
-FUNCTIONS = [reconcile_billing, probe_accounts, rollup_usage]
+FUNCTIONS = [reconcile_billing, probe_accounts, rollup_usage, drop_dead_leases]
 CRON_JOBS = [
     cron(reconcile_billing, second={0, 30}, unique=True, run_at_startup=True),
     cron(probe_accounts, second=set(range(0, 60, 10)), unique=True, run_at_startup=True),
     cron(rollup_usage, minute=17, second=0, unique=True),
+    # a crashed relay's slots come back within HEARTBEAT_SECONDS + 10 s
+    cron(drop_dead_leases, second=set(range(5, 60, 10)), unique=True),
 ]
 
 

@@ -300,7 +300,11 @@ async def open_upstream(
         elif verdict is Verdict.SERVER_ERROR:
             await on_failure(services, account.id, detail)
         elif verdict is Verdict.OVERLOADED:
-            await asyncio.sleep(min(0.25 * attempt, 1.0))
+            # passed over for a short backoff, so later requests do not each pay for it
+            try:
+                await services.scheduler.back_off(account.id, detail)
+            except Exception:
+                log.warning("could not record the 529 backoff of %s", account.name, exc_info=True)
         log.info("upstream attempt %d on %s failed: %s", attempt, account.name, detail)
         if time.monotonic() >= deadline:
             break
