@@ -27,6 +27,16 @@ from tests.harness import (
 PG_URL = os.environ.get("POOLRELAY_TEST_DATABASE_URL")
 REDIS_URL = os.environ.get("POOLRELAY_TEST_REDIS_URL")
 
+needs_postgres = pytest.mark.skipif(
+    not PG_URL,
+    reason="runs on PostgreSQL: set POOLRELAY_TEST_DATABASE_URL (CI's second pass does)",
+)
+needs_postgres_and_redis = pytest.mark.skipif(
+    not (PG_URL and REDIS_URL),
+    reason="runs on PostgreSQL + Redis: set POOLRELAY_TEST_DATABASE_URL and "
+    "POOLRELAY_TEST_REDIS_URL (CI's second pass does)",
+)
+
 
 @pytest.fixture(scope="session")
 def fake_upstream() -> Iterator[FakeUpstream]:

@@ -20,6 +20,7 @@ from billing.holds import HoldRequest, Outcome
 from billing.holds_pg import PgHolds
 from billing.ids import new_id
 from billing.pricing import Usage
+from tests.conftest import needs_postgres
 
 T = TypeVar("T")
 
@@ -272,9 +273,7 @@ def test_concurrent_settlements_keep_every_book_exact(database_url: str, path: s
     run(database_url, body)
 
 
-@pytest.mark.skipif(
-    not os.environ.get("POOLRELAY_TEST_DATABASE_URL"), reason="group commit runs on PostgreSQL"
-)
+@needs_postgres  # group commit runs on PostgreSQL
 def test_a_poisoned_batch_fails_only_its_poisoned_items(database_url: str) -> None:
     """Holds and settlements the database refuses (a NUL byte, a value longer than its
     column) fail alone; the other customers' items of the same group-commit batch go through

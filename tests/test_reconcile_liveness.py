@@ -32,6 +32,7 @@ from billing.models import Hold, RequestRecord, utcnow
 from pool.scheduler import Candidate
 from tests import harness
 from tests.harness import RelayServer
+from tests.test_worker import age_redis_memory
 from workers import tasks
 
 MODEL = "claude-haiku-4-5"
@@ -52,8 +53,12 @@ def worker_services(relay: RelayServer, settings_env: dict[str, str]) -> AsyncIt
     relay.call(services.aclose)
 
 
-def worker_ctx(services: Services) -> dict[str, Any]:
-    return {"services": services, "worker": True}
+def reconcile(relay: RelayServer, services: Services) -> dict[str, Any]:
+    """The worker's reconciliation run, with ``services`` (its own Redis)."""
+    report: dict[str, Any] = relay.call(
+        lambda: tasks.reconcile_billing({"services": services, "worker": True})
+    )
+    return report
 
 
 def place_hold(relay: RelayServer, customer_id: str, request_id: str, instance_id: str) -> None:
@@ -100,22 +105,22 @@ def test_redis_that_came_back_empty_keeps_the_holds_of_live_relays(
     redis = worker_services.redis
 
     # Redis just came back empty: no epoch, no heartbeat of the live relay
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["heartbeats_trusted"] is False
     assert report["holds_released"] == 0 and report["holds_settled"] == 0
     assert open_holds(relay) == ["req_live000000000000000001"]
 
     # the live relay beats again within the grace period: its hold stays for good
     relay.call(lambda: instances.heartbeat(redis, LIVE, 30))
-    relay.call(lambda: redis.set(instances.EPOCH_KEY, repr(time.time() - 3600)))
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    relay.call(lambda: age_redis_memory(redis))
+    report = reconcile(relay, worker_services)
     assert report["heartbeats_trusted"] is True
     assert report["holds_released"] == 0
     assert open_holds(relay) == ["req_live000000000000000001"]
 
     # a relay that never beat again after the grace period is dead: its hold is finished
     place_hold(relay, customer_id, "req_dead000000000000000001", DEAD)
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["holds_released"] == 1
     assert open_holds(relay) == ["req_live000000000000000001"]
     assert relay.customer(customer_id)["held_usd"] == "0.100000"
@@ -148,11 +153,11 @@ def test_a_hold_is_finished_by_age_only_past_the_longest_request(
     customer_id, _ = relay.create_customer(balance_usd="1")
     place_hold(relay, customer_id, "req_long000000000000000001", LIVE)
     redis = worker_services.redis
-    relay.call(lambda: redis.set(instances.EPOCH_KEY, repr(time.time() - 3600)))
+    relay.call(lambda: age_redis_memory(redis))
     relay.call(lambda: instances.heartbeat(redis, LIVE, 30))
     assert tasks.max_hold_age(worker_services) == timedelta(seconds=60) + tasks.SETTLEMENT_MARGIN
 
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["holds_released"] == 0  # alive, and younger than the longest request
 
     services = relay.services
@@ -164,10 +169,10 @@ def test_a_hold_is_finished_by_age_only_past_the_longest_request(
             )
 
     relay.call(backdate)
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["holds_released"] == 0  # within the settlement margin still
     monkeypatch.setattr(tasks, "SETTLEMENT_MARGIN", timedelta(0))
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["holds_released"] == 1
     assert open_holds(relay) == []
 
@@ -188,7 +193,7 @@ def test_leases_of_a_dead_relay_are_dropped_at_once(
             await scheduler.acquire(accounts, expected_tokens=100)
 
     relay.call(lease_some)
-    relay.call(lambda: redis.set(instances.EPOCH_KEY, repr(time.time() - 3600)))
+    relay.call(lambda: age_redis_memory(redis))
     relay.call(lambda: instances.heartbeat(redis, LIVE, 30))
 
     def in_flight() -> int:
@@ -197,12 +202,14 @@ def test_leases_of_a_dead_relay_are_dropped_at_once(
 
     assert in_flight() == 4
     assert relay.call(live.lease_owners) == {instances.owner_of(LIVE), instances.owner_of(DEAD)}
-    result = relay.call(lambda: tasks.drop_dead_leases(worker_ctx(worker_services)))
+    result = relay.call(
+        lambda: tasks.drop_dead_leases({"services": worker_services, "worker": True})
+    )
     assert result == {"leases_dropped": 2}
     assert in_flight() == 2  # the live relay's lease and the anonymous one stay
     assert relay.call(live.lease_owners) == {instances.owner_of(LIVE)}
     # and the reconciliation does it too (nothing left to drop now)
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     assert report["leases_dropped"] == 0
 
 
@@ -238,7 +245,7 @@ def test_reconcile_reports_delivered_but_uncharged_requests(
             )
 
     relay.call(lose_the_charge)
-    report = relay.call(lambda: tasks.reconcile_billing(worker_ctx(worker_services)))
+    report = reconcile(relay, worker_services)
     kinds = [(d["kind"], d.get("request_id")) for d in report["discrepancies"]]
     assert ("delivered_uncharged", "req_lost000000000000000001") in kinds
     lost = next(d for d in report["discrepancies"] if d["kind"] == "delivered_uncharged")

@@ -208,8 +208,6 @@ class Supervisor:
                     self._back()
                     delay = self.first_delay
                     await self._run_once(redis, ctx, delay)
-                    if self.stopping:
-                        break
                 if self.stopping:
                     break
                 with contextlib.suppress(TimeoutError):

@@ -242,25 +242,18 @@ async def open_upstream(
             services.metrics.upstream_latency.observe(arrived - sent)
             ttfb_ms = int((arrived - started) * 1000)
             now = time.time()
+            body: bytes | None = None
             if response.status_code < 400:
                 # Headroom from a success is stored when the request ends (Scheduler.finish: one
                 # Redis call for lease, headroom and breaker).
-                held = None
-                return Opened(
-                    response,
-                    account,
-                    lease,
-                    attempt,
-                    Verdict.OK,
-                    ttfb_ms,
-                    failures=failures,
-                    trace=trace,
-                )
-            await services.scheduler.record_headers(account.id, response.headers, now)
-            body = await response.aread()
-            await response.aclose()
-            verdict = classify(response.status_code, body)
-            if verdict is Verdict.CUSTOMER_ERROR:
+                verdict = Verdict.OK
+            else:
+                await services.scheduler.record_headers(account.id, response.headers, now)
+                body = await response.aread()
+                await response.aclose()
+                verdict = classify(response.status_code, body)
+            if verdict in (Verdict.OK, Verdict.CUSTOMER_ERROR):
+                # an answer for the customer: a success, or a refusal on the request's merits
                 held = None
                 return Opened(
                     response,
@@ -283,7 +276,7 @@ async def open_upstream(
             if held is not None:
                 await asyncio.shield(services.scheduler.release(held))
             raise
-        info = parse_error(body)
+        info = parse_error(body or b"")
         detail = f"{response.status_code} {info.type or ''}: {info.message or ''}".strip()
         failures.append(detail)
         services.metrics.failovers.labels(verdict.value).inc()

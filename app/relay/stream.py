@@ -70,6 +70,13 @@ class StreamEnd:
         self.account_fault = account_fault
 
 
+async def until_disconnect(receive: AsgiReceive) -> None:
+    """Return when the client closes the connection (once the request body is read, ASGI's
+    ``receive()`` has nothing else to say)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class ClientWatch:
     """Cancels the task that made it when the client closes the connection.
 
@@ -90,10 +97,7 @@ class ClientWatch:
 
     async def _watch(self) -> None:
         try:
-            while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    break
+            await until_disconnect(self._receive)
         except Exception:  # no receive channel to watch (an in-process caller): nothing to do
             return
         self.left = True
@@ -138,16 +142,7 @@ class RelayStream:
         self.started = started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected.set()
-                    return
-
-        watcher = asyncio.create_task(watch())
+        watcher = asyncio.create_task(until_disconnect(receive))
         pump = asyncio.create_task(self._pump(send))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
