@@ -88,6 +88,13 @@ class Metrics:
             " below zero)",
             registry=r,
         )
+        self.hold_extensions = Counter(
+            "poolrelay_hold_extensions",
+            "Extensions of a stream's hold by outcome: ok, refused (the balance could not cover"
+            " it: the stream was ended), failed (the database did not answer)",
+            ["outcome"],
+            registry=r,
+        )
         self.discrepancies = Gauge(
             "poolrelay_reconciliation_discrepancies",
             "Differences found by the last reconciliation",

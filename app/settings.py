@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=10)
     log_bodies: bool = False
     max_body_bytes: int = Field(default=33_554_432, ge=1024)
+    stream_hold_tokens: int = Field(default=8192, ge=1)
+    """Output tokens a stream's first hold covers; the hold grows by as many while the stream
+    runs (contract §6)."""
 
     # Beyond the contract's table: operational knobs with sensible defaults.
     db_pool_size: int = Field(default=10, ge=1, le=200)

@@ -29,6 +29,7 @@ from app.settings import Settings
 from billing import aliases as alias_repo
 from billing import prices as price_repo
 from billing.group_commit import GroupCommit
+from billing.hold_store import HoldStore, SessionHolds
 from billing.holds_pg import PgHolds
 from billing.pricing import PriceBook
 from pool import accounts as account_repo
@@ -127,11 +128,12 @@ class Services:
     """Ends of requests (lease release + headroom), many per Redis call (group commit)."""
     redis_commands: GroupCommit[Command, Any]
     """Plain Redis commands of concurrent requests, one pipeline per batch."""
+    holds: HoldStore
+    """Holds, extensions and settlements: group-committed statements on PostgreSQL
+    (:class:`~billing.holds_pg.PgHolds`), a transaction each elsewhere."""
     instance_id: str = field(default_factory=lambda: INSTANCE_PREFIX + secrets.token_hex(8))
     """``inst_`` + 16 hex; the hex part owns the process's leases (``Scheduler(owner=)``)."""
     metrics: Metrics = field(default_factory=Metrics)
-    holds: PgHolds | None = None
-    """Group-committed holds and settlements (PostgreSQL); None on SQLite (session path)."""
     _http: httpx.AsyncClient | None = None
     _upstream: UpstreamClient | None = None
     admin_digest: str = ""
@@ -162,8 +164,7 @@ class Services:
             await self._upstream.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
-        if self.holds is not None:
-            await self.holds.aclose()
+        await self.holds.aclose()
         await self.db.dispose()
 
 
@@ -210,7 +211,7 @@ def build_services(settings: Settings, *, redis: aioredis.Redis | None = None) -
         keys=KeyAuthenticator(db, cache_seconds=settings.auth_cache_seconds),
         prices=Reloading(load_prices, PriceBook({})),
         aliases=Reloading(load_aliases, {}),
-        holds=PgHolds(db.connect_raw) if db.has_fast_path else None,
+        holds=PgHolds(db.connect_raw) if db.has_fast_path else SessionHolds(db.transaction),
         lease_starts=GroupCommit(scheduler.acquire_many),
         lease_ends=GroupCommit(end_leases),
         redis_commands=pipelined(redis),

@@ -5,6 +5,9 @@ requests can never reserve more than the balance, on SQLite or PostgreSQL. It in
 row and the request-log row (status ``in_flight``) in the same short transaction, so a crashed
 process leaves a record of what was in flight.
 
+``extend`` grows a placed hold (a stream's, slice by slice) with the same conditional update, and
+only while the hold row is still there.
+
 ``settle`` deletes the hold row first: only the caller whose ``DELETE … RETURNING`` found it goes
 on to debit, which makes settlement idempotent by request id (and the ledger's unique index on
 usage request ids is a second guard). Actual cost above the hold is still charged in full; the
@@ -249,6 +252,54 @@ async def charge_without_hold(
         ),
     }
     await _complete_log_row(session, request_id, usage, outcome, values)
+    return True
+
+
+async def extend(session: AsyncSession, request_id: str, amount_micros: int) -> bool:
+    """Grow the hold of ``request_id`` by ``amount_micros`` if the balance covers it — the
+    same conditional update as :func:`place`, so concurrent streams cannot overdraw a balance
+    by growing either. Returns False when the hold is gone (settled, or released by a
+    reconciliation); raises :class:`InsufficientBalance` when the balance does not cover it.
+    A suspended customer's open stream may still grow (revocation and suspension leave open
+    streams to finish), but never beyond the balance."""
+    hold = (
+        await session.execute(
+            sa.select(_holds.c.customer_id)
+            .where(_holds.c.request_id == request_id)
+            .with_for_update()
+        )
+    ).first()
+    if hold is None:
+        return False
+    customer_id = str(hold.customer_id)
+    result = await session.execute(
+        sa.update(_customers)
+        .where(
+            _customers.c.id == customer_id,
+            _customers.c.balance_micros - _customers.c.held_micros >= amount_micros,
+        )
+        .values(held_micros=_customers.c.held_micros + amount_micros)
+        .returning(_customers.c.balance_micros - _customers.c.held_micros)
+    )
+    if result.first() is None:
+        available = (
+            await session.execute(
+                sa.select(_customers.c.balance_micros - _customers.c.held_micros).where(
+                    _customers.c.id == customer_id
+                )
+            )
+        ).scalar_one()
+        raise InsufficientBalance(amount_micros, int(available))
+    await session.execute(
+        sa.update(_holds)
+        .where(_holds.c.request_id == request_id)
+        .values(amount_micros=_holds.c.amount_micros + amount_micros)
+    )
+    await session.execute(
+        sa.update(_log)
+        .where(_log.c.id == request_id)
+        .values(hold_micros=_log.c.hold_micros + amount_micros)
+    )
     return True
 
 

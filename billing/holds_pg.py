@@ -216,6 +216,36 @@ SELECT request_id FROM h
 """
 
 
+EXTEND_SQL = """
+WITH h AS (
+  SELECT customer_id FROM holds WHERE request_id = %(request_id)s FOR UPDATE
+), c AS (
+  UPDATE customers SET held_micros = customers.held_micros + %(amount)s
+  FROM h
+  WHERE customers.id = h.customer_id
+    AND customers.balance_micros - customers.held_micros >= %(amount)s
+  RETURNING customers.id
+), u AS (
+  UPDATE holds SET amount_micros = amount_micros + %(amount)s
+  WHERE request_id = %(request_id)s AND EXISTS (SELECT 1 FROM c)
+), l AS (
+  UPDATE request_log SET hold_micros = hold_micros + %(amount)s
+  WHERE id = %(request_id)s AND EXISTS (SELECT 1 FROM c)
+)
+SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM c),
+  (SELECT balance_micros - held_micros FROM customers
+   WHERE id = (SELECT customer_id FROM h))
+"""
+"""Grow a hold (:func:`billing.holds.extend`) in one statement: the hold row is locked first,
+so a settlement racing the extension either finds the grown hold or none was grown."""
+
+
+@dataclass(slots=True)
+class Extension:
+    request_id: str
+    amount_micros: int
+
+
 @dataclass(slots=True)
 class Settlement:
     request_id: str
@@ -303,6 +333,17 @@ async def settle_fast(
     return row is not None and row[0] == 1
 
 
+async def extend_fast(conn: Executor, item: Extension) -> bool:
+    """One extension in one statement, like :func:`billing.holds.extend`."""
+    params = {"request_id": item.request_id, "amount": item.amount_micros}
+    row = await (await conn.execute(EXTEND_SQL, params)).fetchone()
+    if row is None or not row[0]:
+        return False
+    if not row[1]:
+        raise InsufficientBalance(item.amount_micros, int(row[2] or 0))
+    return True
+
+
 async def settle_many(conn: Executor, batch: Sequence[Settlement]) -> set[str]:
     """Settle every hold of ``batch`` that is still open; returns the request ids settled."""
     params: dict[str, Any] = _columns([_settle_params(item) for item in batch])
@@ -368,24 +409,41 @@ class PgHolds:
     def __init__(self, connect: Connect, *, max_batch: int = 256) -> None:
         self._placing_line = _Line(connect, statement_timeout=PLACE_TIMEOUT_SECONDS)
         self._settling_line = _Line(connect)
+        self._extending_line = _Line(connect)
         self.placing: GroupCommit[HoldRequest, None] = GroupCommit(
             self._place_batch, max_batch=max_batch
         )
         self.settling: GroupCommit[Settlement, bool] = GroupCommit(
             self._settle_batch, max_batch=max_batch
         )
+        self.extending: GroupCommit[Extension, bool] = GroupCommit(
+            self._extend_batch, max_batch=max_batch
+        )
+
+    place_timeout = float(PLACE_TIMEOUT_SECONDS)
 
     async def aclose(self) -> None:
         await self._placing_line.aclose()
         await self._settling_line.aclose()
+        await self._extending_line.aclose()
 
     async def place(self, hold: HoldRequest) -> None:
         await self.placing.submit(hold)
 
-    def place_nowait(self, hold: HoldRequest) -> asyncio.Future[None]:
-        """Start placing ``hold``; the future says whether it was admitted (or raises the
-        refusal). Nothing may be sent upstream before it has resolved."""
-        return self.placing.submit_nowait(hold)
+    async def begin(self, hold: HoldRequest) -> asyncio.Future[None]:
+        """Start placing ``hold`` (group commit) and return its future, which says whether it
+        was admitted (or raises the refusal): the caller overlaps it with its next round trip
+        (the scheduler's lease) and sends nothing upstream before it has resolved. A lone hold
+        is let go first — its commit being the longer of the two round trips — while under
+        load it waits for the next batch anyway (yielding would only queue the caller behind
+        all the others)."""
+        future = self.placing.submit_nowait(hold)
+        if self.placing.queued == 1:
+            await asyncio.sleep(0)
+        return future
+
+    async def extend(self, request_id: str, amount_micros: int) -> bool:
+        return await self.extending.submit(Extension(request_id, amount_micros))
 
     async def settle(
         self, request_id: str, usage: Usage | None, cost_micros: int, outcome: Outcome
@@ -409,6 +467,30 @@ class PgHolds:
                     await place_fast(cur, hold)
                     results.append(None)
                 except Exception as exc:  # this hold's own refusal or failure, for its caller
+                    results.append(exc)
+            return results
+
+    async def _extend_batch(self, batch: list[Extension]) -> list[bool | BaseException]:
+        """The batch's extensions in one transaction (one commit), each its own statement;
+        a refused extension is an answer, not an error, so it does not undo the others."""
+        async with self._extending_line.use() as cur:
+            results: list[bool | BaseException] = []
+            if len(batch) > 1:
+                try:
+                    async with cur.connection.transaction():
+                        for item in batch:
+                            try:
+                                results.append(await extend_fast(cur, item))
+                            except InsufficientBalance as exc:
+                                results.append(exc)
+                    return results
+                except psycopg.Error as exc:
+                    _one_by_one_or_raise(cur, exc, "extension", len(batch))
+                    results = []
+            for item in batch:
+                try:
+                    results.append(await extend_fast(cur, item))
+                except Exception as exc:
                     results.append(exc)
             return results
 

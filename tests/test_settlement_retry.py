@@ -13,7 +13,9 @@ import httpx
 import orjson
 import pytest
 
+from app.relay.credit import Desk
 from app.relay.service import Relay
+from billing.hold_store import HoldStore
 from billing.pricing import SEED_PRICES, Usage, cost_micros
 from tests.harness import FakeUpstream, RelayServer
 
@@ -30,10 +32,10 @@ class Outage:
     """The relay's settlement writes fail (as with an unreachable database) until ``failures``
     of them have failed; every attempt is counted."""
 
-    def __init__(self, relay: Relay, failures: int) -> None:
+    def __init__(self, store: HoldStore, failures: int) -> None:
         self.failures = failures
         self.attempts = 0
-        self._write = relay._write_settlement
+        self._write = store.settle
 
     async def __call__(self, *args: Any) -> None:
         self.attempts += 1
@@ -46,11 +48,11 @@ class Outage:
 def outage(
     relay: RelayServer, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Outage]:
-    instance: Relay = relay.app.state.customer_api.relay
-    monkeypatch.setattr(Relay, "retry_first_delay", 0.05)
+    store = relay.app.state.customer_api.relay.services.holds
+    monkeypatch.setattr(Desk, "retry_first_delay", 0.05)
     # 3 attempts while the request is answered, then 2 more in the background.
-    outage = Outage(instance, failures=5)
-    monkeypatch.setattr(instance, "_write_settlement", outage)
+    outage = Outage(store, failures=5)
+    monkeypatch.setattr(store, "settle", outage)
     relay.add_account("a", UPSTREAM_KEY, fake.url)
     yield outage
 
@@ -161,16 +163,14 @@ def test_a_hold_written_but_not_confirmed_is_released_with_its_budget(
         created = admin.post(
             f"/admin/customers/{customer_id}/keys", json={"name": "b", "daily_budget_usd": "0.5"}
         ).json()
-    place = instance._place_hold
+    begin = instance.services.holds.begin
 
     async def place_then_lose_the_answer(hold: Any) -> None:
-        placement = await place(hold)
-        if placement is not None:
-            await placement
+        await (await begin(hold))
         raise OSError("connection lost after the commit (simulated)")
 
-    monkeypatch.setattr(instance, "_place_hold", place_then_lose_the_answer)
-    monkeypatch.setattr(instance, "ambiguous_hold_wait", 0.05)
+    monkeypatch.setattr(instance.services.holds, "begin", place_then_lose_the_answer)
+    monkeypatch.setattr(instance.desk, "ambiguous_hold_wait", 0.05)
     r = httpx.post(
         f"{relay.url}/v1/messages",
         headers={"x-api-key": created["key"]},

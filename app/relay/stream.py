@@ -2,11 +2,16 @@
 
 :class:`RelayStream` is a raw ASGI response. It forwards each upstream chunk unchanged while a
 :class:`~app.relay.sse.StreamMeter` parses a copy, and watches the client connection: when the
-client goes away the upstream read is cancelled at once. Whatever happens — ``message_stop``,
-an upstream error event, a broken upstream connection, a client disconnect, a server shutdown —
-``on_finish`` runs exactly once, in a task of its own shielded from cancellation, so the hold is
-always settled. A stream still running ``max_seconds`` after the request arrived is ended by
-the relay: one ``error`` event, and the usage so far is charged.
+client goes away the upstream read is cancelled at once. It calls the request's credit
+(:class:`app.relay.credit.Credit`) directly: once the stream has started, before each chunk whose
+output the hold does not cover yet (:meth:`~app.relay.credit.Credit.cover`; when the balance
+cannot grow the hold, the chunk is not sent and the stream ends with one ``error`` event), and
+once when it ends. Whatever happens — ``message_stop``, an upstream error event, a broken
+upstream connection, a client disconnect, a server shutdown, a hold that cannot grow — the
+credit's ``stream_ended`` and ``on_finish`` run exactly once, in a task of its own shielded
+from cancellation, so the hold is always settled. A stream still running ``max_seconds`` after
+the request arrived is ended by the relay: one ``error`` event, and the usage so far is
+charged.
 
 :class:`ClientWatch` watches the client connection while the upstream has not answered yet
 (the body is read, so the next ASGI ``receive()`` only returns when the client goes away).
@@ -19,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from starlette.types import Receive as AsgiReceive
@@ -27,7 +32,15 @@ from starlette.types import Receive as AsgiReceive
 from app.relay.sse import StreamMeter
 from pool.upstream import TRANSPORT_ERRORS, UpstreamResponse
 
+if TYPE_CHECKING:
+    from app.relay.credit import Credit
+
 log = logging.getLogger("poolrelay.relay")
+
+CREDIT_EXHAUSTED = (
+    "Your credit balance is too low to continue this response: it was ended after the output "
+    "your balance covers. Please add credit to continue."
+)
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -68,6 +81,11 @@ class StreamEnd:
         self.status = "upstream_error"
         self.error = error
         self.account_fault = account_fault
+
+    def cut_for_credit(self) -> None:
+        """Ended by the relay because the balance could not grow the hold."""
+        self.status = "credit_exhausted"
+        self.error = "the balance could not cover more output; the stream was ended"
 
 
 async def until_disconnect(receive: AsgiReceive) -> None:
@@ -118,12 +136,15 @@ class ClientWatch:
 
 
 class RelayStream:
+    """``on_finish`` (the lease's end) runs beside the credit's settlement when the stream
+    ends."""
+
     def __init__(
         self,
         upstream: UpstreamResponse,
         headers: list[tuple[str, str]],
-        on_finish: Callable[[StreamMeter, StreamEnd], Awaitable[None]],
-        on_started: Callable[[StreamMeter], Awaitable[None]] | None = None,
+        credit: Credit,
+        on_finish: Callable[[StreamEnd], Awaitable[None]],
         transform: StreamTransform | None = None,
         *,
         max_seconds: float | None = None,
@@ -131,8 +152,8 @@ class RelayStream:
     ) -> None:
         self.upstream = upstream
         self.headers = headers
+        self.credit = credit
         self.on_finish = on_finish
-        self.on_started = on_started
         self.transform = transform
         self.meter = StreamMeter()
         self.end = StreamEnd()
@@ -163,15 +184,22 @@ class RelayStream:
     async def _finish(self) -> None:
         with contextlib.suppress(Exception):
             await self.upstream.aclose()
+        end = self.end
+        lease = asyncio.ensure_future(self.on_finish(end))
         try:
-            await self.on_finish(self.meter, self.end)
+            await self.credit.stream_ended(self.meter, end.status, end.error)
         except Exception:
             log.exception("finishing a stream failed")
+        try:
+            await lease
+        except Exception:
+            log.exception("ending a stream's lease failed")
 
     async def _pump(self, send: Send) -> None:
         started = time.monotonic()
         meter = self.meter
         transform = self.transform
+        credit = self.credit
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers()})
         announced = False
         limit: float | None = None
@@ -186,12 +214,17 @@ class RelayStream:
                     meter.feed(chunk)
                     if self.end.first_byte_ms is None:
                         self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
+                    if meter.delta_text_bytes > credit.held_output and not await credit.cover(
+                        meter.delta_text_bytes
+                    ):
+                        await self._cut(send)
+                        return
                     out = transform.feed(chunk) if transform is not None else chunk
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
-                    if not announced and meter.started and self.on_started is not None:
+                    if not announced and meter.started:
                         announced = True
-                        await self.on_started(meter)
+                        credit.stream_started(meter)
         except TRANSPORT_ERRORS as exc:
             if longest.expired():
                 self.end.failed(
@@ -218,6 +251,18 @@ class RelayStream:
         elif not meter.stopped:
             self.end.failed("the upstream stream ended before message_stop")
             await self._send_error("api_error", "The upstream stream ended unexpectedly.", send)
+        await self._close(send)
+
+    async def _cut(self, send: Send) -> None:
+        """End the stream before a chunk the hold does not cover (that chunk is not sent)."""
+        if self.credit.cut_for_credit:
+            self.end.cut_for_credit()
+            await self._send_error("invalid_request_error", CREDIT_EXHAUSTED, send)
+        else:
+            self.end.failed("the hold could not be extended (database)", account_fault=False)
+            await self._send_error(
+                "api_error", "The relay could not confirm credit for more output.", send
+            )
         await self._close(send)
 
     async def _send_error(self, error_type: str, message: str, send: Send) -> None:
