@@ -254,13 +254,40 @@ class Credit:
     async def cover(self, delivered_tokens: int) -> bool:
         """Before ``delivered_tokens`` of output (an upper bound) reach the customer: make the
         hold cover them, extending it by as many slices as needed (never beyond
-        ``max_tokens``). False when the balance cannot cover the extension (or the database
-        never answered): the stream must stop here."""
+        ``max_tokens``). False when it cannot: the balance does not cover the extension (the
+        hold then still grows by the slices that do fit, so that the stream can deliver up
+        to there) or the database never answered. The stream must not send beyond
+        :attr:`held_output` then."""
         if delivered_tokens <= self.held_output or self.held_output >= self.max_tokens:
             return True
-        short = delivered_tokens - self.held_output
-        slices = -(-short // self.slice)
-        target = min(self.max_tokens, self.held_output + slices * self.slice)
+        slices = -(-(delivered_tokens - self.held_output) // self.slice)
+        refused = await self._grow(slices)
+        if refused is None:
+            return True
+        if refused.available_micros > 0 and slices > 1:
+            fits = self._slices_within(refused.available_micros, slices - 1)
+            if fits:
+                await self._grow(fits)
+        return False
+
+    def _target(self, slices: int) -> int:
+        return min(self.max_tokens, self.held_output + slices * self.slice)
+
+    def _slices_within(self, available: int, most: int) -> int:
+        """The most slices (≤ ``most``) whose extension costs at most ``available``."""
+        low, high = 0, most
+        while low < high:
+            mid = (low + high + 1) // 2
+            if self._cost_of_output(self._target(mid)) - self.hold_micros <= available:
+                low = mid
+            else:
+                high = mid - 1
+        return low
+
+    async def _grow(self, slices: int) -> InsufficientBalance | None:
+        """Extend the hold by ``slices``; the refusal when the balance does not cover it (or
+        when the database never answered, with nothing available)."""
+        target = self._target(slices)
         amount = self._cost_of_output(target) - self.hold_micros
         metrics = self.desk.services.metrics
         if amount > 0:
@@ -268,10 +295,10 @@ class Credit:
                 try:
                     grown = await self.desk.services.holds.extend(self.request_id, amount)
                     break
-                except InsufficientBalance:
+                except InsufficientBalance as exc:
                     metrics.hold_extensions.labels("refused").inc()
                     self.cut_for_credit = True
-                    return False
+                    return exc
                 except Exception:
                     if delay is None:
                         log.warning(
@@ -280,14 +307,14 @@ class Credit:
                             exc_info=True,
                         )
                         metrics.hold_extensions.labels("failed").inc()
-                        return False
+                        return InsufficientBalance(amount, 0)
                     await asyncio.sleep(delay)
             if not grown:  # released by a reconciliation: charged without it at the end
                 log.warning("the hold of stream %s is gone; it is not extended", self.request_id)
             metrics.hold_extensions.labels("ok").inc()
         self.held_output = target
         self.hold_micros += amount
-        return True
+        return None
 
     # -- settlement ------------------------------------------------------------------------
 

@@ -52,6 +52,15 @@ class SSEParser:
         self._event = b""
         self._data: list[bytes] | None = None
 
+    def copy(self) -> SSEParser:
+        twin = SSEParser()
+        twin._partial = list(self._partial)
+        twin._skip_lf = self._skip_lf
+        twin._first_line = self._first_line
+        twin._event = self._event
+        twin._data = None if self._data is None else list(self._data)
+        return twin
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Parse ``chunk``; return the events it completes, decoded as UTF-8."""
         return [
@@ -183,6 +192,14 @@ class StreamMeter:
         self.deltas = 0
         self.stop_reason: str | None = None
         self._deltas_at_final: int | None = None  # `deltas` when a message_delta gave usage
+
+    def copy(self) -> StreamMeter:
+        """An independent meter in the same state (to try a chunk and take it back)."""
+        twin = StreamMeter()
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name))
+        twin._parser = self._parser.copy()
+        return twin
 
     def feed(self, chunk: bytes) -> None:
         """Parse a copy of ``chunk`` and update the state. Never raises on bad input."""

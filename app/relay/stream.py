@@ -211,14 +211,18 @@ class RelayStream:
                 async for chunk in self.upstream.aiter_raw():
                     if not chunk:
                         continue
-                    meter.feed(chunk)
                     if self.end.first_byte_ms is None:
                         self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
-                    if meter.delta_text_bytes > credit.held_output and not await credit.cover(
-                        meter.delta_text_bytes
-                    ):
-                        await self._cut(send)
-                        return
+                    if meter.delta_text_bytes + len(chunk) <= credit.held_output:
+                        meter.feed(chunk)  # covered whatever it holds (the usual case)
+                    else:
+                        before = meter.copy()
+                        meter.feed(chunk)
+                        if meter.delta_text_bytes > credit.held_output and not await credit.cover(
+                            meter.delta_text_bytes
+                        ):
+                            await self._cut(before, chunk, send)
+                            return
                     out = transform.feed(chunk) if transform is not None else chunk
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
@@ -253,8 +257,23 @@ class RelayStream:
             await self._send_error("api_error", "The upstream stream ended unexpectedly.", send)
         await self._close(send)
 
-    async def _cut(self, send: Send) -> None:
-        """End the stream before a chunk the hold does not cover (that chunk is not sent)."""
+    async def _cut(self, before: StreamMeter, chunk: bytes, send: Send) -> None:
+        """End the stream at a chunk the hold does not cover: the whole events at its start
+        that stay within the hold are sent (and metered), the rest is not."""
+        meter, sent = before, 0
+        held = self.credit.held_output
+        while (end := chunk.find(b"\n\n", sent)) >= 0:
+            trial = meter.copy()
+            trial.feed(chunk[sent : end + 2])
+            if trial.delta_text_bytes > held:
+                break
+            meter, sent = trial, end + 2
+        self.meter = meter
+        if sent:
+            part = chunk[:sent]
+            out = self.transform.feed(part) if self.transform is not None else part
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
         if self.credit.cut_for_credit:
             self.end.cut_for_credit()
             await self._send_error("invalid_request_error", CREDIT_EXHAUSTED, send)
