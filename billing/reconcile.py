@@ -105,7 +105,9 @@ async def finish_hold(
     progress: Progress | None,
     price_for: Callable[[str], Price | None],
 ) -> bool:
-    """Settle a left-behind hold from its recorded progress, or release it. True if charged."""
+    """Settle a left-behind hold from its recorded progress, or release it. True if charged.
+    The charge is an estimate (what the stream had used when it was last recorded), so it
+    never exceeds the hold — a stream's hold as far as it had grown."""
     customer = await session.get(Customer, hold.customer_id)
     record = await session.get(RequestRecord, hold.request_id)
     model = (progress.model if progress else None) or (record.requested_model if record else None)
@@ -113,7 +115,9 @@ async def finish_hold(
     cost = 0
     usage = progress.usage if progress else None
     if usage is not None and price is not None and customer is not None:
-        cost = cost_micros(usage, price, Decimal(customer.price_multiplier))
+        cost = min(
+            cost_micros(usage, price, Decimal(customer.price_multiplier)), hold.amount_micros
+        )
     outcome = Outcome(
         status="crashed",
         error="the relay process stopped while the request was in flight",

@@ -4,7 +4,7 @@ The relay opens one :class:`Credit` per admitted request (:meth:`Desk.open`). It
 hold, tells whether the placement was refused, grows a stream's hold while the stream runs,
 and turns the hold into the real charge (or releases it) when the request ends — retrying in
 the background while the database does not answer. The stream calls it directly
-(:class:`app.relay.stream.RelayStream`): :meth:`Credit.stream_started`, :meth:`Credit.cover`
+(:class:`app.relay.stream.RelayStream`): :meth:`Credit.stream_progress`, :meth:`Credit.cover`
 before each chunk, :meth:`Credit.stream_ended` once.
 
 A stream's hold grows (contract §6). Its first hold covers the input bound and
@@ -446,10 +446,14 @@ class Credit:
 
     # -- the stream ------------------------------------------------------------------------
 
-    def stream_started(self, meter: StreamMeter) -> None:
-        """Record what the stream uses (``message_start``'s usage), for the reconciliation
-        of a crashed process — in the background: the first deltas never wait for it."""
-        progress = orjson.dumps({"model": meter.model, "usage": meter.usage.to_api()})
+    def stream_progress(self, meter: StreamMeter) -> None:
+        """Record what the stream has used so far (``message_start``'s usage, and the output
+        delivered), for the reconciliation of a crashed process: once when it starts and at
+        each growth of its hold — in the background, the deltas never wait for it."""
+        usage = meter.billable_usage()
+        if usage.output_tokens > self.max_tokens:
+            usage = dataclasses.replace(usage, output_tokens=self.max_tokens)
+        progress = orjson.dumps({"model": meter.model, "usage": usage.to_api()})
         commands = self.desk.services.redis_commands
 
         async def record() -> None:

@@ -216,19 +216,21 @@ class RelayStream:
                     if meter.delta_text_bytes + len(chunk) <= credit.held_output:
                         meter.feed(chunk)  # covered whatever it holds (the usual case)
                     else:
-                        before = meter.copy()
+                        before, held = meter.copy(), credit.held_output
                         meter.feed(chunk)
-                        if meter.delta_text_bytes > credit.held_output and not await credit.cover(
+                        if meter.delta_text_bytes > held and not await credit.cover(
                             meter.delta_text_bytes
                         ):
                             await self._cut(before, chunk, send)
                             return
+                        if announced and credit.held_output != held:  # the hold grew
+                            credit.stream_progress(meter)
                     out = transform.feed(chunk) if transform is not None else chunk
                     if out:
                         await send({"type": "http.response.body", "body": out, "more_body": True})
                     if not announced and meter.started:
                         announced = True
-                        credit.stream_started(meter)
+                        credit.stream_progress(meter)
         except TRANSPORT_ERRORS as exc:
             if longest.expired():
                 self.end.failed(
