@@ -20,12 +20,11 @@ import time
 
 import redis.asyncio as aioredis
 
+from app import redis_keys
+
 INSTANCE_PREFIX = "inst_"
-EPOCH_KEY = "poolrelay:epoch"
-
-
-def instance_key(instance_id: str) -> str:
-    return f"poolrelay:instance:{instance_id}"
+EPOCH_KEY = redis_keys.EPOCH
+instance_key = redis_keys.instance
 
 
 def owner_of(instance_id: str) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from app import redis_keys
 from pool.errors import NoCapacity
 
 SLOT_TTL = 900.0
@@ -127,7 +128,7 @@ class KeySlots:
 
     @staticmethod
     def _keys(key_id: str) -> list[str]:
-        base = f"poolrelay:kc:{{{key_id}}}:"
+        base = redis_keys.key_slots_base(key_id)
         return [base + "h", base + "wq", base + "seq"]
 
     async def take(self, key_id: str, cap: int, *, wait: float = 0.0) -> KeySlot | KeyQueued:

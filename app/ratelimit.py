@@ -17,6 +17,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from app import redis_keys
+
 WINDOW = 60
 
 _ADMIT = """
@@ -86,8 +88,7 @@ class Decision:
         return out
 
 
-def _keys(key_id: str) -> list[str]:
-    return [f"poolrelay:rl:{{{key_id}}}:reqs", f"poolrelay:rl:{{{key_id}}}:tokens"]
+_keys = redis_keys.rate_windows
 
 
 class KeyRateLimiter:

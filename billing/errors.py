@@ -24,6 +24,8 @@ that calls ``billing.money.parse_usd`` turns a bad amount into an ordinary valid
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 __all__ = [
     "BillingError",
     "BudgetExceeded",
@@ -39,10 +41,9 @@ __all__ = [
 
 
 def _usd(micros: int) -> str:
-    # Imported here: billing.money imports this module.
-    from billing.money import format_usd
-
-    return format_usd(micros)
+    """Micro-USD as the USD string of a message (exact decimal arithmetic, no float; what
+    :func:`billing.money.format_usd` gives — money imports this module, not the reverse)."""
+    return f"{Decimal(micros).scaleb(-6):.6f}"
 
 
 class BillingError(Exception):

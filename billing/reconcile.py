@@ -27,11 +27,6 @@ _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
 
 
-def progress_key(request_id: str) -> str:
-    """Where a running stream records what it has used (Redis), for :class:`Progress`."""
-    return f"poolrelay:progress:{request_id}"
-
-
 @dataclass
 class Discrepancy:
     kind: str

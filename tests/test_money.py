@@ -190,3 +190,11 @@ def test_price_round_trip(micros: int) -> None:
 def test_ceil_div(numerator: int, denominator: int) -> None:
     result = ceil_div(numerator, denominator)
     assert (result - 1) * denominator < numerator <= result * denominator
+
+
+@given(st.integers(min_value=-(10**18), max_value=10**18))
+def test_error_messages_format_usd_as_money_does(micros: int) -> None:
+    """billing.errors formats amounts itself (billing.money imports it, not the reverse)."""
+    from billing.errors import _usd
+
+    assert _usd(micros) == format_usd(micros)

@@ -12,12 +12,12 @@ from typing import Any
 
 import orjson
 
-from app import instances
+from app import instances, redis_keys
+from app.redis_keys import progress as progress_key
 from app.state import Services
 from billing import reconcile, usage
 from billing.models import Hold
 from billing.pricing import Usage
-from billing.reconcile import progress_key
 from pool import accounts as account_repo
 from pool.health import probe
 
@@ -156,8 +156,7 @@ async def _drop_dead_leases(services: Services, is_alive: Any) -> int:
     return dropped
 
 
-def _probe_key(account_id: str) -> str:
-    return f"poolrelay:probe:{account_id}"
+_probe_key = redis_keys.probe
 
 
 async def probe_accounts(ctx: dict[str, Any]) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ import orjson
 
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
+from app.redis_keys import progress as progress_key
 from app.relay.sse import StreamMeter
 from app.state import Services
 from billing import budgets, holds
@@ -40,7 +41,6 @@ from billing.customers import KeyContext
 from billing.errors import BillingError, InsufficientBalance
 from billing.holds import HoldRequest, Outcome
 from billing.pricing import Price, Usage, cost_micros
-from billing.reconcile import progress_key
 
 log = logging.getLogger("poolrelay.relay")
 
