@@ -26,6 +26,7 @@ from billing.customers import KeyContext, get_customer
 from billing.errors import BillingError
 from billing.holds import Outcome
 from billing.ids import new_id
+from billing.models import iso
 from billing.money import format_usd
 from billing.request_log import Entry
 from pool.affinity import session_id
@@ -225,7 +226,7 @@ class CustomerApi:
                     "allowed_models": list(policy.allowed_models)
                     if policy.allowed_models is not None
                     else None,
-                    "expires_at": policy.expires_at.isoformat() if policy.expires_at else None,
+                    "expires_at": iso(policy.expires_at),
                 },
             },
             request_id=request_id,
