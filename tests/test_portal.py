@@ -20,7 +20,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import ADMIN_TOKEN, FakeUpstream, RelayServer
 from tests.test_dashboard import Dom, address_bar, chromium_binary, png_size, run_chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -259,3 +259,26 @@ def test_portal_page_is_static_and_signs_in_by_form_only_with_a_valid_key(
     assert dom.tagged("body", data_state="login")
     assert "rejected" in dom.text["login-msg"]
     assert ALICE not in " ".join(dom.text.values())
+
+
+def test_dashboard_sessions_panel(
+    relay: RelayServer, customers: dict[str, Any], tmp_path: Path
+) -> None:
+    """The operator dashboard lists sessions across customers, from /admin/sessions."""
+    alice_id, _alice_key = customers["alice"]
+    bob_id, _bob_key = customers["bob"]
+    with relay.admin() as admin:
+        listed = admin.get("/admin/sessions", params={"limit": 10}).raise_for_status().json()
+    assert {(s["customer_id"], s["session_id"]) for s in listed["items"]} == {
+        (alice_id, ALICE_SESSIONS[0]),
+        (alice_id, ALICE_SESSIONS[1]),
+        (bob_id, BOB_SESSION),
+    }
+    dom = Dom(run_chromium(f"{relay.url}/admin/ui#token={ADMIN_TOKEN}", tmp_path))
+    assert dom.tagged("body", data_state="ready"), dom.tagged("body")
+    assert not dom.hidden("sessions")
+    panel = dom.text["sessions-body"]
+    for s in listed["items"]:
+        assert dom.tagged("tr", data_session_id=s["session_id"], data_customer_id=s["customer_id"])
+        assert s["session_id"] in panel and f"${s['cost_usd']}" in panel
+    assert ALICE in panel and BOB in panel  # customers by name
