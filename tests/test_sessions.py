@@ -372,3 +372,23 @@ def test_recent_requests_are_the_customer_s_own(
         assert sorted(r["request_id"] for r in in_session["items"]) == sorted(a_ids)
         assert c.get("/v1/me/requests", params={"limit": "lots"}).status_code == 400
     assert b_id != a_id
+
+
+def test_cache_hit_ratio_and_cursor_round_trip() -> None:
+    from datetime import UTC, datetime
+
+    from billing.errors import InvalidField
+    from billing.sessions import Cursor
+    from billing.usage import cache_hit_ratio
+
+    assert cache_hit_ratio(0, 0, 0) is None
+    assert cache_hit_ratio(10, 0, 0) == "0.0000"
+    assert cache_hit_ratio(0, 0, 7) == "1.0000"
+    assert cache_hit_ratio(12, 440, 440) == "0.4933"
+    assert cache_hit_ratio(1, 0, 2) == "0.6667"
+    assert cache_hit_ratio(7, 0, 1) == "0.1250"  # exact: no rounding needed
+    cursor = Cursor(datetime(2026, 12, 4, 20, 1, 2, 345678, tzinfo=UTC), "cus_1", "sé/ssion")
+    assert Cursor.decode(cursor.encode()) == cursor
+    for forged in ("", "%%%", "bm9wZQ", "WzEsMiwzXQ", "WyJ4IiwgMSwgMl0"):
+        with pytest.raises(InvalidField):
+            Cursor.decode(forged)
