@@ -63,6 +63,7 @@ def customer_request_view(row: RequestRecord) -> dict[str, Any]:
     cache_write = row.cache_write_5m_tokens + row.cache_write_1h_tokens
     return {
         "request_id": row.id,
+        "id": row.id,  # as in the admin request log
         "key_id": row.key_id,
         "endpoint": row.endpoint,
         "requested_model": row.requested_model,
