@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from app import embedded_redis, errors, http_limits
+from app import embedded_redis, errors, http_limits, portal
 from app.admin import accounts as admin_accounts
 from app.admin import aliases as admin_aliases
 from app.admin import customers as admin_customers
@@ -308,6 +308,8 @@ def create_app(
         app.include_router(module.router, dependencies=admin)
     # The dashboard page is public (it holds no data); everything it shows comes from the admin API.
     app.include_router(admin_ui.router)
+    # The customer portal, public in the same way: its data comes from /v1/me/* with the key.
+    app.include_router(portal.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

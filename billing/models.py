@@ -202,7 +202,19 @@ class RequestRecord(SQLModel, table=True):
     """The per-request log; a settled row is the request's usage record."""
 
     __tablename__ = "request_log"
-    __table_args__ = (sa.Index("ix_request_log_customer_started", "customer_id", "started_at"),)
+    __table_args__ = (
+        sa.Index("ix_request_log_customer_started", "customer_id", "started_at"),
+        # Sessions (billing.sessions): a customer's rows that carry a session, in session order.
+        # Partial, and on columns a settlement never updates (its update stays HOT on PostgreSQL).
+        sa.Index(
+            "ix_request_log_customer_session",
+            "customer_id",
+            "session_id",
+            "started_at",
+            sqlite_where=sa.text("session_id IS NOT NULL"),
+            postgresql_where=sa.text("session_id IS NOT NULL"),
+        ),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     customer_id: str = Field(max_length=40)

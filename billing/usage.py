@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ from billing.models import RequestRecord, UsageDaily, iso
 from billing.money import format_usd
 
 USAGE_STATUSES = ("ok", "client_disconnect", "upstream_error", "crashed")
-GROUPS = ("model", "key", "account", "day", "customer")
+GROUPS = ("model", "key", "account", "day", "customer", "session")
 
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
 _daily = UsageDaily.__table__  # type: ignore[attr-defined]
@@ -46,6 +47,7 @@ class UsageQuery:
     key_id: str | None = None
     model: str | None = None
     account_id: str | None = None
+    session_id: str | None = None
     start: datetime | None = None
     end: datetime | None = None
     group_by: list[str] = field(default_factory=list)
@@ -63,6 +65,7 @@ class UsageQuery:
             key_id=params.get("key_id") or None,
             model=params.get("model") or None,
             account_id=params.get("account_id") or None,
+            session_id=params.get("session_id") or None,
             start=parse_time(params.get("from"), "from"),
             end=parse_time(params.get("to"), "to", end=True),
             group_by=groups,
@@ -84,6 +87,7 @@ GROUP_FIELDS = {
     "account": "account_id",
     "day": "day",
     "customer": "customer_id",
+    "session": "session_id",
 }
 
 
@@ -94,6 +98,7 @@ def _filters(query: UsageQuery) -> list[sa.ColumnElement[bool]]:
         (_log.c.key_id, query.key_id),
         (_log.c.model, query.model),
         (_log.c.account_id, query.account_id),
+        (_log.c.session_id, query.session_id),
     ):
         if value:
             conds.append(column == value)
@@ -117,6 +122,7 @@ def _log_source(query: UsageQuery, dialect: str) -> tuple[dict[str, Any], list[A
         "key_id": _log.c.key_id,
         "account_id": _log.c.account_id,
         "customer_id": _log.c.customer_id,
+        "session_id": _log.c.session_id,
         "day": _day_of_log(dialect),
     }
     measures = [
@@ -138,6 +144,7 @@ def _daily_source(query: UsageQuery) -> tuple[dict[str, Any], list[Any], list[An
         "key_id": _daily.c.key_id,
         "account_id": _daily.c.account_id,
         "customer_id": _daily.c.customer_id,
+        "session_id": None,  # the roll-ups keep no session
         "day": _daily.c.day,
     }
     measures = [sa.func.sum(getattr(_daily.c, m)).label(m) for m in MEASURES]
@@ -149,7 +156,23 @@ def _daily_source(query: UsageQuery) -> tuple[dict[str, Any], list[Any], list[An
     return columns, measures, conds
 
 
+RATIO_PLACES = Decimal("0.0001")
+
+
+def cache_hit_ratio(
+    input_tokens: int, cache_write_tokens: int, cache_read_tokens: int
+) -> str | None:
+    """Cache reads ÷ all input tokens (uncached input + cache writes + cache reads), as a
+    decimal string with 4 places (``"0.8125"``), rounded half to even; None without input."""
+    total = input_tokens + cache_write_tokens + cache_read_tokens
+    if total <= 0:
+        return None
+    ratio = (Decimal(cache_read_tokens) / Decimal(total)).quantize(RATIO_PLACES, ROUND_HALF_EVEN)
+    return str(ratio)
+
+
 def _view(values: dict[str, int]) -> dict[str, Any]:
+    cache_write = values["cache_write_5m_tokens"] + values["cache_write_1h_tokens"]
     return {
         "requests": values["requests"],
         "input_tokens": values["input_tokens"],
@@ -159,6 +182,9 @@ def _view(values: dict[str, int]) -> dict[str, Any]:
         "cache_write_1h_tokens": values["cache_write_1h_tokens"],
         "cache_read_tokens": values["cache_read_tokens"],
         "cost_usd": format_usd(values["cost_micros"]),
+        "cache_hit_ratio": cache_hit_ratio(
+            values["input_tokens"], cache_write, values["cache_read_tokens"]
+        ),
     }
 
 
@@ -174,9 +200,12 @@ async def totals(session: AsyncSession, query: UsageQuery) -> dict[str, Any]:
             "key_id": query.key_id,
             "model": query.model,
             "account_id": query.account_id,
+            "session_id": query.session_id,
         }
+        if query.session_id and columns["session_id"] is None:
+            continue  # a source without sessions has nothing of one session
         conds = conds + [columns[name] == value for name, value in filters.items() if value]
-        keys = [columns[f].label(f) for f in fields]
+        keys = [columns[f].label(f) for f in fields if columns[f] is not None]
         stmt = sa.select(*keys, *measures).where(*conds)
         if keys:
             stmt = stmt.group_by(*keys)
@@ -184,7 +213,7 @@ async def totals(session: AsyncSession, query: UsageQuery) -> dict[str, Any]:
             values = {m: int(getattr(row, m) or 0) for m in MEASURES}
             if not values["requests"]:
                 continue
-            group = tuple(getattr(row, f) or None for f in fields)
+            group = tuple(getattr(row, f, None) or None for f in fields)
             bucket = grouped.setdefault(group, dict.fromkeys(MEASURES, 0))
             for m in MEASURES:
                 bucket[m] += values[m]

@@ -16,6 +16,7 @@ from app import errors
 from app.errors import ApiError, to_api_error
 from app.relay.edges import OpenAIEdge, parse_json_object
 from app.relay.forward import Trace, open_upstream, read_and_release
+from app.relay.me import SelfService
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
 from app.relay.service import Relay, check_model_allowed, check_model_id, read_body
@@ -25,6 +26,7 @@ from billing.customers import KeyContext, get_customer
 from billing.errors import BillingError
 from billing.holds import Outcome
 from billing.ids import new_id
+from billing.models import iso
 from billing.money import format_usd
 from billing.request_log import Entry
 from pool.affinity import session_id
@@ -54,6 +56,7 @@ class CustomerApi:
         self.services = services
         self.relay = relay
         self.catalog = ModelCatalog(services)
+        self.mine = SelfService(services)
 
     async def _auth(self, request: Request) -> KeyContext:
         return await self.services.keys.authenticate(request.headers)
@@ -216,13 +219,14 @@ class CustomerApi:
                 "limits": {
                     "rpm": policy.rpm,
                     "tpm": policy.tpm,
+                    "max_concurrency": policy.max_concurrency,
                     "daily_budget_usd": _usd_or_none(policy.daily_budget_micros),
                     "monthly_budget_usd": _usd_or_none(policy.monthly_budget_micros),
                     "budget_action": policy.budget_action,
                     "allowed_models": list(policy.allowed_models)
                     if policy.allowed_models is not None
                     else None,
-                    "expires_at": policy.expires_at.isoformat() if policy.expires_at else None,
+                    "expires_at": iso(policy.expires_at),
                 },
             },
             request_id=request_id,
@@ -233,14 +237,24 @@ class CustomerApi:
         try:
             key = await self._auth(request)
             query = usage_repo.UsageQuery.from_params(
-                request.query_params, allowed_groups=("model", "day", "key")
+                request.query_params, allowed_groups=("model", "day", "key", "session")
             )
             query.customer_id = key.customer_id
+            query.account_id = None  # the pool's accounts are not the customer's business
             async with self.services.db.transaction() as session:
                 result = await usage_repo.totals(session, query)
         except (ApiError, BillingError) as exc:
             return errors.anthropic_response(to_api_error(exc), request_id)
         return json_response(result, request_id=request_id)
+
+    async def me_sessions(self, request: Request) -> Response:
+        return await self.mine.sessions(request)
+
+    async def me_requests(self, request: Request) -> Response:
+        return await self.mine.requests(request)
+
+    async def me_request(self, request: Request) -> Response:
+        return await self.mine.request(request)
 
     async def probe(self, request: Request) -> Response:
         if request.method == "HEAD":
@@ -262,6 +276,9 @@ ROUTES: list[tuple[str, str, list[str]]] = [
     ("/v1/models/{model_id:path}", "get_model", ["GET"]),
     ("/v1/me", "me", ["GET"]),
     ("/v1/me/usage", "me_usage", ["GET"]),
+    ("/v1/me/sessions", "me_sessions", ["GET"]),
+    ("/v1/me/requests", "me_requests", ["GET"]),
+    ("/v1/me/requests/{request_id}", "me_request", ["GET"]),
     ("/", "probe", ["GET", "HEAD"]),
     ("/api/hello", "probe", ["GET", "HEAD"]),
     ("/v1/{rest:path}", "not_found", ["GET", "POST", "PUT", "PATCH", "DELETE"]),
