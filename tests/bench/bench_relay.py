@@ -13,7 +13,8 @@ What it starts, each as its own process on 127.0.0.1 with free ports:
   ``poolrelay migrate``, dropped at exit) and Redis db 13 (``FLUSHDB`` first and last), with a
   generated Fernet key, an admin token and ``POOLRELAY_LOG_LEVEL=WARNING``: full billing (a hold
   and a settlement per request) and scheduling over 2 upstream accounts added with
-  ``poolrelay accounts add --max-concurrency 1000`` (credential on stdin), and one customer with
+  ``poolrelay accounts add`` and the product's defaults (no concurrency cap; credential on
+  stdin), and one customer with
   a $1,000,000 top-up and a key (admin API);
 - for each measured run, a load generator (:mod:`tests.bench.loadgen`, aiohttp + uvloop) in a
   separate process: fixed concurrency, fixed duration, a short warm-up that is not measured.
@@ -947,9 +948,9 @@ def setup(stack: Stack, watch: Watch, report: Report) -> tuple[Server, Server, s
     for i, credential in enumerate(CREDENTIALS, 1):
         stack.cli(
             "accounts", "add", "--name", f"bench-{i}", "--base-url", fake.url,
-            "--max-concurrency", "1000", stdin=credential + "\n",
+            stdin=credential + "\n",
         )  # fmt: skip
-    step(f"{len(CREDENTIALS)} upstream accounts added (max concurrency 1000)")
+    step(f"{len(CREDENTIALS)} upstream accounts added with the defaults (no concurrency cap)")
 
     relay_port = free_port()
     relay = stack.start(
