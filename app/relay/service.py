@@ -29,10 +29,16 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import errors, http_limits
+from app import errors
 from app.errors import to_api_error
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
+from app.relay.checks import (
+    check_model_allowed,
+    check_model_id,
+    read_body,
+    validate_messages_body,
+)
 from app.relay.credit import Credit, Desk
 from app.relay.edges import Edge
 from app.relay.forward import Opened, Trace, header_budget, on_failure, open_upstream
@@ -55,65 +61,16 @@ from pool.upstream import customer_headers
 
 log = logging.getLogger("poolrelay.relay")
 
-PROGRESS_TTL = 86_400
 TOUCH_INTERVAL = 60.0
-RETRY_MAX_DELAY = 30.0
 
-__all__ = ["Relay", "check_model_allowed", "check_model_id", "model_matches", "read_body"]
-
-
-async def read_body(request: Request, limit: int, seconds: float | None = None) -> bytes:
-    """The request's body: at most ``limit`` bytes (413, readable by the client: the rest of
-    the body is read and dropped first, within bounds), all of it within ``seconds`` (408
-    ``timeout_error``, connection closed). See :mod:`app.http_limits`."""
-    return await http_limits.read_body(request.receive, request.headers, limit, seconds)
-
-
-MODEL_MAX_CHARS = 200
-"""The longest model id the relay takes (and the request log stores)."""
-
-
-def check_model_id(model: Any) -> str:
-    """A model id the relay can price, log and forward: a non-empty string of at most
-    ``MODEL_MAX_CHARS`` characters without NUL or control characters."""
-    if not isinstance(model, str) or not model:
-        raise errors.invalid_request("model: Field required (a model id string)")
-    if len(model) > MODEL_MAX_CHARS:
-        raise errors.invalid_request(
-            f"model: String should have at most {MODEL_MAX_CHARS} characters"
-        )
-    if not model.isprintable():
-        raise errors.invalid_request("model: must not contain control characters")
-    return model
-
-
-def validate_messages_body(body: dict[str, Any]) -> None:
-    check_model_id(body.get("model"))
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise errors.invalid_request("max_tokens: Field required (a positive integer)")
-    if max_tokens < 1:
-        raise errors.invalid_request("max_tokens: must be greater than or equal to 1")
-    if not isinstance(body.get("messages"), list):
-        raise errors.invalid_request("messages: Field required (a list of messages)")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise errors.invalid_request("stream: must be a boolean")
-
-
-def check_model_allowed(key: KeyContext, model: str) -> None:
-    allowed = key.policy.allowed_models
-    if allowed is not None and not any(model_matches(model, pattern) for pattern in allowed):
-        raise errors.ApiError(
-            403,
-            "permission_error",
-            f"This API key is not allowed to use the model {model!r}.",
-            {"x-should-retry": "false"},
-        )
-
-
-def worst_case(body: dict[str, Any], price: Price) -> Usage:
-    """The most expensive usage the request could report (input bound, ``max_tokens``)."""
-    return worst_case_usage(body, price)
+__all__ = [
+    "Relay",
+    "check_model_allowed",
+    "check_model_id",
+    "model_matches",
+    "read_body",
+    "validate_messages_body",
+]
 
 
 class LeaseRenewal:
@@ -259,7 +216,7 @@ class Relay:
         model = str(body["model"])
         check_model_allowed(key, model)
         price = await self.price_for(model)
-        worst = worst_case(body, price)
+        worst = worst_case_usage(body, price)
         policy = key.policy
         budget = Budget(policy.daily_budget_micros, policy.monthly_budget_micros)
         reservation: Reservation | None = None
@@ -285,7 +242,7 @@ class Relay:
                     edited = True
                     check_model_allowed(key, model)
                     price = await self.price_for(model)
-                    worst = worst_case(body, price)
+                    worst = worst_case_usage(body, price)
                     notes["x-poolrelay-route"] = "budget_downgrade"
                     notes["x-poolrelay-model"] = model
                     notes["x-poolrelay-budget-downgrade"] = message
