@@ -27,7 +27,9 @@ from starlette.types import Receive, Scope, Send
 
 from app import embedded_redis, errors, http_limits
 from app.admin import accounts as admin_accounts
+from app.admin import admin_tokens as admin_admin_tokens
 from app.admin import aliases as admin_aliases
+from app.admin import audit as admin_audit
 from app.admin import customers as admin_customers
 from app.admin import prices as admin_prices
 from app.admin import ui as admin_ui
@@ -209,7 +211,7 @@ def create_app(
         app.state.services = services
         app.state.customer_api = CustomerApi(services, Relay(services))
         configured = settings.admin_token.get_secret_value() if settings.admin_token else None
-        services.admin_digest, new_token = await ensure_admin_token(services.db, configured)
+        new_token = await ensure_admin_token(services.db, configured)
         if new_token:
             (print_token or _print_token)(new_token)
         await tasks.heartbeat(services)
@@ -305,6 +307,9 @@ def create_app(
 
     admin = [Depends(require_admin)]
     for module in (admin_customers, admin_accounts, admin_prices, admin_aliases, admin_usage):
+        app.include_router(module.router, dependencies=admin)
+    # issue 15B: admin tokens, the audit log, webhooks
+    for module in (admin_admin_tokens, admin_audit):
         app.include_router(module.router, dependencies=admin)
     # The dashboard page is public (it holds no data); everything it shows comes from the admin API.
     app.include_router(admin_ui.router)

@@ -134,7 +134,6 @@ class Services:
     """Group-committed holds and settlements (PostgreSQL); None on SQLite (session path)."""
     _http: httpx.AsyncClient | None = None
     _upstream: UpstreamClient | None = None
-    admin_digest: str = ""
 
     @property
     def http(self) -> httpx.AsyncClient:

@@ -107,11 +107,15 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from app.cli.common import cli_transaction
+    from app.oversight import audit
     from pool.accounts import rotate_encryption
 
     async def job(services: Services) -> int:
-        async with services.db.transaction() as session:
-            return await rotate_encryption(session, services.cipher)
+        async with cli_transaction(services) as session:
+            count = await rotate_encryption(session, services.cipher)
+            await audit.record(session, "encryption.rotate", None, after={"credentials": count})
+            return count
 
     count = run(settings, job)
     print(f"re-encrypted {count} credential(s) under the newest key")
