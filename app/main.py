@@ -34,6 +34,7 @@ from app.admin import customers as admin_customers
 from app.admin import prices as admin_prices
 from app.admin import ui as admin_ui
 from app.admin import usage as admin_usage
+from app.admin import webhooks as admin_webhooks
 from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
 from app.errors import ApiError, to_api_error
@@ -46,7 +47,7 @@ from app.state import Services, build_services
 from billing.errors import BillingError
 from billing.holds import holds_summary
 from pool.errors import PoolError
-from workers import tasks
+from workers import notify, tasks
 
 log = logging.getLogger("poolrelay")
 
@@ -242,6 +243,15 @@ def create_app(
                     )
                 ),
                 asyncio.create_task(_every(3600, "rollup", lambda: tasks.rollup_usage(ctx))),
+                # webhooks (workers/notify.py): events looked for, due deliveries sent
+                asyncio.create_task(
+                    _every(
+                        settings.webhook_scan_seconds,
+                        "notify",
+                        lambda: notify.notify_transitions(ctx),
+                    )
+                ),
+                asyncio.create_task(_every(1.0, "webhooks", lambda: notify.deliver_webhooks(ctx))),
             ]
         # memory://: serve this process's Redis to the command line (app/embedded_redis.py)
         shared_redis = await embedded_redis.share(settings, services.redis)
@@ -309,7 +319,7 @@ def create_app(
     for module in (admin_customers, admin_accounts, admin_prices, admin_aliases, admin_usage):
         app.include_router(module.router, dependencies=admin)
     # issue 15B: admin tokens, the audit log, webhooks
-    for module in (admin_admin_tokens, admin_audit):
+    for module in (admin_admin_tokens, admin_audit, admin_webhooks):
         app.include_router(module.router, dependencies=admin)
     # The dashboard page is public (it holds no data); everything it shows comes from the admin API.
     app.include_router(admin_ui.router)

@@ -101,7 +101,7 @@ def test_readonly_reads_everything_and_writes_nothing(relay: RelayServer, cli: C
         keys = admin.get(f"/admin/customers/{customer['id']}/keys").json()["items"]
         assert keys[0]["status"] == "active"
         # the dashboard page itself is public; its data comes from the reads above
-        assert admin.get("/admin/dashboard").status_code == 200
+        assert admin.get("/admin/ui").status_code == 200
 
 
 def test_tokens_cli_and_api_revocation_and_hashing(

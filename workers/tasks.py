@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from app import instances
+from app.oversight import events
 from app.state import Services
 from billing import reconcile, usage
 from billing.models import Hold
@@ -105,6 +106,10 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
         await services.redis.delete(progress_key(hold.request_id))
     async with services.db.transaction() as session:
         report.discrepancies = await reconcile.verify_books(session, book.match)
+    async with services.db.transaction() as session:  # reconciliation.discrepancy, once each
+        await events.sync_discrepancies(
+            session, [(d.kind, d.customer_id, d.detail) for d in report.discrepancies]
+        )
     metrics = services.metrics
     metrics.discrepancies.set(len(report.discrepancies))
     if report.holds_settled:
