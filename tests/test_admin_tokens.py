@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,7 +161,11 @@ def test_first_start_token_is_the_admin_bootstrap(
     from tests.harness import test_settings
 
     printed: list[str] = []
-    settings = test_settings(settings_env, admin_token=None)
+    # first-start generation is for the embedded defaults (PostgreSQL requires ADMIN_TOKEN)
+    sqlite_url = "sqlite:///" + str(Path(settings_env["POOLRELAY_KEY_FILE"]).parent / "first.db")
+    settings = test_settings(
+        settings_env, admin_token=None, database_url=sqlite_url, redis_url="memory://"
+    )
     server = RelayServer(create_app(settings, print_token=printed.append))
     server.settings = settings
     server.start_thread()

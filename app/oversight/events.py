@@ -58,8 +58,9 @@ async def emit(
             id=event_id, type=event_type, dedupe_key=dedupe_key, data=dict(data), created_at=now
         )
         .on_conflict_do_nothing()
+        .returning(_events.c.id)
     )
-    if not getattr(result, "rowcount", 0):
+    if result.first() is None:  # raised before (RETURNING: exact on both databases)
         return None
     hooks = (
         await session.execute(
@@ -121,8 +122,9 @@ async def _flip(session: AsyncSession, subject: str, active: bool) -> int | None
             _insert(session, _state)
             .values(subject=subject, active=True, version=1, updated_at=now)
             .on_conflict_do_nothing()
+            .returning(_state.c.subject)
         )
-        return 1 if getattr(result, "rowcount", 0) else None
+        return 1 if result.first() is not None else None
     if bool(row.active) == active:
         return None
     result = await session.execute(

@@ -173,5 +173,7 @@ async def _insert_bootstrap(session: AsyncSession, token_hash: str, prefix: str)
         "created_at": datetime.now(UTC),
     }
     dialect = postgresql if session.bind.dialect.name == "postgresql" else sqlite
-    result = await session.execute(dialect.insert(_tokens).values(values).on_conflict_do_nothing())
-    return bool(getattr(result, "rowcount", 0))
+    result = await session.execute(
+        dialect.insert(_tokens).values(values).on_conflict_do_nothing().returning(_tokens.c.id)
+    )
+    return result.first() is not None
