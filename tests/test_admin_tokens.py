@@ -95,6 +95,16 @@ def test_readonly_reads_everything_and_writes_nothing(relay: RelayServer, cli: C
             assert error["type"] == "error"
             assert error["error"]["type"] == "permission_error", error
             assert "read-only" in error["error"]["message"]
+        # every write route the app has (today's and tomorrow's), whatever its path parameters
+        for route in relay.app.routes:
+            path = getattr(route, "path", "")
+            if not path.startswith("/admin/") or path == "/admin/ui":
+                continue
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            for method in sorted(getattr(route, "methods", set()) - {"GET", "HEAD", "OPTIONS"}):
+                r = ro.request(method, concrete, json={})
+                assert r.status_code == 403, (method, path, r.status_code, r.text)
+                assert r.json()["error"]["type"] == "permission_error"
     with relay.admin() as admin:
         # nothing moved: no audit row, no balance change, the key still active
         assert admin.get("/admin/audit", params={"limit": 100}).json()["items"] == before_audit
