@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from app.db import sync_url
 from app.main import create_app
 from tests.harness import ADMIN_TOKEN, RelayServer
 from tests.test_cli import Cli, cli, database_text, query
@@ -199,3 +201,38 @@ def test_first_start_token_is_the_admin_bootstrap(
             assert admin.get("/admin/customers").status_code == 200
     finally:
         again.stop()
+
+
+def test_an_install_from_before_roles_keeps_its_first_start_token(
+    settings_env: dict[str, str],
+) -> None:
+    """Before migration 0011 the first-start token's digest lived in ``app_meta``."""
+    from app.migrate import upgrade
+    from tests.harness import test_settings
+
+    url = "sqlite:///" + str(Path(settings_env["POOLRELAY_KEY_FILE"]).parent / "legacy.db")
+    upgrade(url, "0007")
+    old_token = "pra-" + "L" * 43
+    engine = sa.create_engine(sync_url(url))
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO app_meta (key, value) VALUES ('admin_token_sha256', :v)"),
+            {"v": hashlib.sha256(old_token.encode()).hexdigest()},
+        )
+    engine.dispose()
+    printed: list[str] = []
+    settings = test_settings(
+        settings_env, admin_token=None, database_url=url, redis_url="memory://"
+    )
+    server = RelayServer(create_app(settings, print_token=printed.append))
+    server.settings = settings
+    server.start_thread()
+    try:
+        assert printed == []
+        with _client(server, old_token) as admin:
+            tokens = admin.get("/admin/admin-tokens").json()["items"]
+            assert [(t["name"], t["role"], t["status"]) for t in tokens] == [
+                ("bootstrap", "admin", "active")
+            ]
+    finally:
+        server.stop()
