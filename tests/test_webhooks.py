@@ -5,8 +5,13 @@ no redirects followed, no credentials or cookies sent; secrets shown once, store
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -16,6 +21,7 @@ import sqlalchemy as sa
 
 from app.oversight import delivery, signals
 from app.oversight.models import WebhookEvent
+from tests.conftest import needs_postgres_and_redis
 from tests.harness import FakeUpstream, RelayServer
 from tests.harness import test_settings as relay_settings
 from tests.test_cli import database_text
@@ -350,3 +356,41 @@ def test_webhook_api_validation_secrets_and_delete(
     deliver(hooked)
     assert receiver.received == []
     assert hook["secret"].encode() not in database_text(database_url)
+
+
+@needs_postgres_and_redis
+def test_poolrelay_worker_delivers(
+    relay: RelayServer, settings_env: dict[str, str], receiver: Receiver, tmp_path: Path
+) -> None:
+    """Production shape: the server runs no jobs; ``poolrelay worker`` (arq) finds the event
+    and delivers it, 500 then 200, the same event id."""
+    assert not relay.settings.run_jobs_in_process
+    log = tmp_path / "worker.log"
+    env = {**os.environ, **settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        with relay.admin() as admin:
+            hook = register(admin, receiver.url, ["customer.balance_low"])
+            cid = low_balance_customer(admin)
+            move(admin, cid, "-9")
+        got = receiver.wait_for(2, timeout=40)
+        assert [r.answered for r in got] == [500, 200], log.read_text()
+        assert got[0].event["id"] == got[1].event["id"] and all(r.signature_ok for r in got)
+        with relay.admin() as admin:
+            tries = admin.get(f"/admin/webhooks/{hook['id']}/deliveries").json()["items"]
+        assert [t["status_code"] for t in tries] == [200, 500]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    assert "Traceback" not in log.read_text()
