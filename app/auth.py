@@ -8,17 +8,14 @@ reaches every relay process within a second without a database read per request.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from app import errors
 from app.db import Database
-from app.meta import AppMeta
+from app.oversight import tokens as admin_tokens
 from billing import customers
 from billing.customers import KeyContext
 
@@ -113,36 +110,17 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-# --- the admin token -------------------------------------------------------------------------
-
-ADMIN_TOKEN_META = "admin_token_sha256"
+# --- admin tokens (app/oversight/tokens.py keeps them) ----------------------------------------
 
 
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def ensure_admin_token(db: Database, configured: str | None) -> tuple[str, str | None]:
-    """Returns (digest to check against, token to print once or None).
-
-    A configured ``ADMIN_TOKEN`` wins. Otherwise the digest stored on first start is used; when
-    there is none, a token is generated, its digest stored, and the token returned for printing.
-    """
-    if configured:
-        return _digest(configured), None
-    async with db.transaction() as session:
-        row = await session.get(AppMeta, ADMIN_TOKEN_META)
-        if row is not None:
-            return row.value, None
-        token = "pra-" + secrets.token_urlsafe(32)
-        session.add(AppMeta(key=ADMIN_TOKEN_META, value=_digest(token)))
-    return _digest(token), token
-
-
-def check_admin(headers: Mapping[str, str], digest: str) -> None:
+def admin_token_from(headers: Mapping[str, str]) -> str:
+    """The bearer token of an admin request (``Authorization: Bearer``, or ``x-admin-token``)."""
     auth = headers.get("authorization", "")
-    token = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-admin-token", "")
-    if not token or not hmac.compare_digest(_digest(token), digest):
-        raise errors.authentication(
-            "a valid admin token is required (Authorization: Bearer <token>)"
-        )
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-admin-token", "")
+
+
+async def ensure_admin_token(db: Database, configured: str | None) -> str | None:
+    """Make sure the ``bootstrap`` admin token exists; returns a generated token to print once
+    (first start without ``ADMIN_TOKEN``), else None."""
+    async with db.transaction() as session:
+        return await admin_tokens.ensure_bootstrap(session, configured)

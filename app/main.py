@@ -27,11 +27,14 @@ from starlette.types import Receive, Scope, Send
 
 from app import embedded_redis, errors, http_limits, portal
 from app.admin import accounts as admin_accounts
+from app.admin import admin_tokens as admin_admin_tokens
 from app.admin import aliases as admin_aliases
+from app.admin import audit as admin_audit
 from app.admin import customers as admin_customers
 from app.admin import prices as admin_prices
 from app.admin import ui as admin_ui
 from app.admin import usage as admin_usage
+from app.admin import webhooks as admin_webhooks
 from app.admin.deps import require_admin
 from app.auth import ensure_admin_token
 from app.errors import ApiError, to_api_error
@@ -44,7 +47,7 @@ from app.state import Services, build_services
 from billing.errors import BillingError
 from billing.holds import holds_summary
 from pool.errors import PoolError
-from workers import tasks
+from workers import notify, tasks
 
 log = logging.getLogger("poolrelay")
 
@@ -209,7 +212,7 @@ def create_app(
         app.state.services = services
         app.state.customer_api = CustomerApi(services, Relay(services))
         configured = settings.admin_token.get_secret_value() if settings.admin_token else None
-        services.admin_digest, new_token = await ensure_admin_token(services.db, configured)
+        new_token = await ensure_admin_token(services.db, configured)
         if new_token:
             (print_token or _print_token)(new_token)
         await tasks.heartbeat(services)
@@ -240,6 +243,15 @@ def create_app(
                     )
                 ),
                 asyncio.create_task(_every(3600, "rollup", lambda: tasks.rollup_usage(ctx))),
+                # webhooks (workers/notify.py): events looked for, due deliveries sent
+                asyncio.create_task(
+                    _every(
+                        settings.webhook_scan_seconds,
+                        "notify",
+                        lambda: notify.notify_transitions(ctx),
+                    )
+                ),
+                asyncio.create_task(_every(1.0, "webhooks", lambda: notify.deliver_webhooks(ctx))),
             ]
         # memory://: serve this process's Redis to the command line (app/embedded_redis.py)
         shared_redis = await embedded_redis.share(settings, services.redis)
@@ -305,6 +317,9 @@ def create_app(
 
     admin = [Depends(require_admin)]
     for module in (admin_customers, admin_accounts, admin_prices, admin_aliases, admin_usage):
+        app.include_router(module.router, dependencies=admin)
+    # issue 15B: admin tokens, the audit log, webhooks
+    for module in (admin_admin_tokens, admin_audit, admin_webhooks):
         app.include_router(module.router, dependencies=admin)
     # The dashboard page is public (it holds no data); everything it shows comes from the admin API.
     app.include_router(admin_ui.router)

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     long ago was left behind by a crash and is finished by reconciliation."""
     request_log_retention_days: int = Field(default=90, ge=0)
     """Older request-log rows are folded into daily usage roll-ups (0 keeps them forever)."""
+    webhook_scan_seconds: float = Field(default=2.0, gt=0)
+    """Embedded mode: how often the server looks for webhook events (quarantines, low balances,
+    exhausted budgets); ``poolrelay worker`` looks every 5 s."""
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     embedded_jobs: bool | None = None

@@ -136,7 +136,6 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     _http: httpx.AsyncClient | None = None
     _upstream: UpstreamClient | None = None
-    admin_digest: str = ""
 
     @property
     def http(self) -> httpx.AsyncClient:

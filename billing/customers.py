@@ -110,6 +110,19 @@ async def update_customer(
     return customer
 
 
+async def set_low_balance(
+    session: AsyncSession, customer_id: str, low_balance_micros: int | None
+) -> Customer:
+    """The balance below which ``customer.balance_low`` is raised (None: never)."""
+    customer = await get_customer(session, customer_id)
+    if low_balance_micros is not None and low_balance_micros < 0:
+        raise InvalidField("low_balance_usd", "must not be negative")
+    customer.low_balance_micros = low_balance_micros
+    session.add(customer)
+    await session.flush()
+    return customer
+
+
 def multiplier_of(customer: Customer) -> Decimal:
     return Decimal(customer.price_multiplier)
 

@@ -51,6 +51,8 @@ class Customer(SQLModel, table=True):
     balance_micros: int = _micros()
     held_micros: int = _micros()
     created_at: datetime = _ts()
+    low_balance_micros: int | None = Field(default=None, sa_type=sa.BigInteger)
+    """``customer.balance_low`` is raised when the balance falls below this (None: never)."""
 
 
 class CustomerKey(SQLModel, table=True):

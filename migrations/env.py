@@ -8,6 +8,7 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 import app.meta
+import app.oversight.models
 import billing.models
 import pool.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 

@@ -32,6 +32,7 @@ CUSTOMER_FIELDS = {
     "price_multiplier",
     "balance_usd",
     "held_usd",
+    "low_balance_usd",
     "available_usd",
     "created_at",
 }

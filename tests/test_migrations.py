@@ -21,6 +21,7 @@ from alembic.script import ScriptDirectory
 from sqlmodel import SQLModel
 
 import app.meta
+import app.oversight.models
 import billing.models
 import pool.models
 from app.db import sync_url
@@ -38,7 +39,12 @@ TABLES = {
     "request_log",
     "upstream_accounts",
 }
-_ = (app.meta, billing.models, pool.models)  # every table registered on SQLModel.metadata
+_ = (
+    app.meta,
+    app.oversight.models,
+    billing.models,
+    pool.models,
+)  # every table registered on SQLModel.metadata
 
 
 def _with_db(url: str, name: str) -> str:

@@ -32,7 +32,7 @@ from app.errors import unreachable_dependency
 from app.redis import CLIENT_OPTIONS
 from app.settings import Settings
 from app.state import build_services
-from workers import tasks
+from workers import notify, tasks
 
 log = logging.getLogger("poolrelay.worker")
 
@@ -96,13 +96,25 @@ probe_accounts = tolerant(tasks.probe_accounts)
 rollup_usage = tolerant(tasks.rollup_usage)
 drop_dead_leases = tolerant(tasks.drop_dead_leases)
 
-FUNCTIONS = [reconcile_billing, probe_accounts, rollup_usage, drop_dead_leases]
+notify_transitions = tolerant(notify.notify_transitions)
+deliver_webhooks = tolerant(notify.deliver_webhooks)
+FUNCTIONS = [
+    reconcile_billing,
+    probe_accounts,
+    rollup_usage,
+    drop_dead_leases,
+    notify_transitions,
+    deliver_webhooks,
+]
 CRON_JOBS = [
     cron(reconcile_billing, second={0, 30}, unique=True, run_at_startup=True),
     cron(probe_accounts, second=set(range(0, 60, 10)), unique=True, run_at_startup=True),
     cron(rollup_usage, minute=17, second=0, unique=True),
     # a crashed relay's slots come back within HEARTBEAT_SECONDS + 10 s
     cron(drop_dead_leases, second=set(range(5, 60, 10)), unique=True),
+    # webhooks: events looked for every 5 s, due deliveries sent every 2 s
+    cron(notify_transitions, second=set(range(0, 60, 5)), unique=True),
+    cron(deliver_webhooks, second=set(range(1, 60, 2)), unique=True),
 ]
 
 

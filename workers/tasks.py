@@ -105,6 +105,12 @@ async def reconcile_billing(ctx: dict[str, Any]) -> dict[str, Any]:
         await services.redis.delete(progress_key(hold.request_id))
     async with services.db.transaction() as session:
         report.discrepancies = await reconcile.verify_books(session, book.match)
+    from app.oversight import events  # issue 15B (local: keeps this module's imports as they were)
+
+    async with services.db.transaction() as session:  # reconciliation.discrepancy, once each
+        await events.sync_discrepancies(
+            session, [(d.kind, d.customer_id, d.detail) for d in report.discrepancies]
+        )
     metrics = services.metrics
     metrics.discrepancies.set(len(report.discrepancies))
     if report.holds_settled:

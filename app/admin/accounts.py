@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
+from app.oversight import audit
 from app.state import Services
 from billing.models import iso
 from pool import accounts as account_repo
@@ -89,7 +90,10 @@ async def get_account(
 
 @router.post("/admin/accounts/{account_id}/enable")
 async def enable(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    before = audit.account_view(await account_repo.find_account(session, account_id))
     row = await account_repo.set_status(session, account_id, "active")
+    after = audit.account_view(row)
+    await audit.record(session, "account.enable", f"account:{row.id}", before=before, after=after)
     await services.scheduler.clear_quarantine(row.id)
     services.directory.invalidate()
     return (await account_views(services, [row]))[0]
@@ -97,6 +101,9 @@ async def enable(account_id: str, services: ServicesDep, session: SessionDep) ->
 
 @router.post("/admin/accounts/{account_id}/disable")
 async def disable(account_id: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    before = audit.account_view(await account_repo.find_account(session, account_id))
     row = await account_repo.set_status(session, account_id, "disabled")
+    after = audit.account_view(row)
+    await audit.record(session, "account.disable", f"account:{row.id}", before=before, after=after)
     services.directory.invalidate()
     return (await account_views(services, [row]))[0]

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app import errors
 from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
+from app.oversight import audit
 from billing import aliases
+from billing.models import ModelAlias
 
 router = APIRouter(tags=["aliases"])
 
@@ -31,14 +33,21 @@ async def list_aliases(
 async def put_alias(
     alias: str, body: AliasBody, services: ServicesDep, session: SessionDep
 ) -> dict[str, Any]:
+    existing = await session.get(ModelAlias, alias)
+    before = aliases.alias_view(existing) if existing is not None else None
     row = await aliases.put_alias(session, alias, body.model)
+    view = aliases.alias_view(row)
+    await audit.record(session, "alias.put", f"alias:{row.alias}", before=before, after=view)
     services.aliases.invalidate()
-    return aliases.alias_view(row)
+    return view
 
 
 @router.delete("/admin/aliases/{alias:path}")
 async def delete_alias(alias: str, services: ServicesDep, session: SessionDep) -> dict[str, Any]:
+    existing = await session.get(ModelAlias, alias)
+    before = aliases.alias_view(existing) if existing is not None else None
     if not await aliases.delete_alias(session, alias):
         raise errors.not_found(f"alias {alias!r} not found")
+    await audit.record(session, "alias.delete", f"alias:{alias}", before=before)
     services.aliases.invalidate()
     return {"alias": alias, "deleted": True}

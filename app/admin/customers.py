@@ -17,11 +17,13 @@ from app.admin.deps import (
     key_view,
     page,
 )
+from app.oversight import audit
 from billing import customers as customer_svc
 from billing import ledger
 from billing.customers import KeyPolicy
 from billing.errors import InvalidField
-from billing.money import parse_usd
+from billing.models import CustomerKey
+from billing.money import format_usd, parse_usd
 
 router = APIRouter(tags=["customers"])
 
@@ -49,6 +51,8 @@ class CustomerPatch(BaseModel):
     name: str | None = Field(default=None, min_length=1, max_length=200)
     status: str | None = None
     price_multiplier: Number | None = None
+    low_balance_usd: Number | None = None
+    """``customer.balance_low`` fires below this; ``null`` turns it off."""
 
 
 class KeyCreate(BaseModel):
@@ -83,7 +87,9 @@ def _budget(value: Number | None, field: str) -> int | None:
 async def create_customer(body: CustomerCreate, session: SessionDep) -> dict[str, Any]:
     multiplier = _decimal_text(body.price_multiplier) if body.price_multiplier is not None else "1"
     customer = await customer_svc.create_customer(session, body.name, multiplier)
-    return customer_view(customer)
+    view = customer_view(customer)
+    await audit.record(session, "customer.create", f"customer:{customer.id}", after=view)
+    return view
 
 
 @router.get("/admin/customers")
@@ -103,6 +109,7 @@ async def get_customer(customer_id: str, session: SessionDep) -> dict[str, Any]:
 async def patch_customer(
     customer_id: str, body: CustomerPatch, session: SessionDep
 ) -> dict[str, Any]:
+    before = customer_view(await customer_svc.get_customer(session, customer_id))
     customer = await customer_svc.update_customer(
         session,
         customer_id,
@@ -112,7 +119,15 @@ async def patch_customer(
         if body.price_multiplier is not None
         else None,
     )
-    return customer_view(customer)
+    if "low_balance_usd" in body.model_fields_set:
+        customer = await customer_svc.set_low_balance(
+            session, customer_id, _budget(body.low_balance_usd, "low_balance_usd")
+        )
+    view = customer_view(customer)
+    await audit.record(
+        session, "customer.update", f"customer:{customer_id}", before=before, after=view
+    )
+    return view
 
 
 @router.post("/admin/customers/{customer_id}/keys", status_code=201)
@@ -137,8 +152,8 @@ async def create_key(customer_id: str, body: KeyCreate, session: SessionDep) -> 
     )
     row, plaintext = await customer_svc.create_key(session, customer_id, body.name, policy)
     view = key_view(row)
-    view["key"] = plaintext
-    return view
+    await audit.record(session, "key.create", f"key:{row.id}", after=view)
+    return {**view, "key": plaintext}
 
 
 @router.get("/admin/customers/{customer_id}/keys")
@@ -151,7 +166,11 @@ async def list_keys(
 
 @router.delete("/admin/keys/{key_id}")
 async def revoke_key(key_id: str, session: SessionDep) -> dict[str, Any]:
-    return key_view(await customer_svc.revoke_key(session, key_id))
+    existing = await session.get(CustomerKey, key_id)
+    before = key_view(existing) if existing is not None else None
+    view = key_view(await customer_svc.revoke_key(session, key_id))
+    await audit.record(session, "key.revoke", f"key:{key_id}", before=before, after=view)
+    return view
 
 
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
@@ -166,7 +185,8 @@ async def _move_money(
     response: Response,
 ) -> dict[str, Any]:
     """A top-up or an adjustment: one ledger entry, at most once per ``Idempotency-Key``."""
-    await customer_svc.get_customer(session, customer_id)
+    customer = await customer_svc.get_customer(session, customer_id)
+    balance_before = format_usd(customer.balance_micros)
     if kind == "adjustment" and (not body.memo or not body.memo.strip()):
         raise InvalidField("memo", "an adjustment needs a memo saying why")
     amount = parse_usd(
@@ -175,9 +195,18 @@ async def _move_money(
     entry, created = await ledger.credit(
         session, customer_id, kind, amount, memo=body.memo, idempotency_key=key
     )
+    view = entry_view(entry)
     if not created:
         response.headers["idempotent-replayed"] = "true"
-    return entry_view(entry)
+    else:  # a replay writes nothing, and so records nothing
+        await audit.record(
+            session,
+            f"{kind}.create",
+            f"customer:{customer_id}",
+            before={"balance_usd": balance_before},
+            after=view,
+        )
+    return view
 
 
 @router.post("/admin/customers/{customer_id}/topups", status_code=201)

@@ -8,7 +8,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import check_admin
+from app import errors
+from app.auth import admin_token_from
+from app.oversight import audit
+from app.oversight import tokens as admin_tokens
+from app.oversight.tokens import Principal
 from app.state import Services
 from billing.customers import multiplier_of
 from billing.ledger import Entry
@@ -24,10 +28,6 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def require_admin(request: Request) -> None:
-    check_admin(request.headers, get_services(request).admin_digest)
-
-
 async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
     """One transaction per admin request: services flush, this commits."""
     async with services.db.transaction() as session:
@@ -39,6 +39,33 @@ async def get_session(services: ServicesDep) -> AsyncIterator[AsyncSession]:
 # so a client could be told 201 for a top-up whose commit then failed, or read the row before
 # it is visible.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def require_admin(request: Request, session: SessionDep) -> Principal:
+    """Every ``/admin/*`` route: a valid admin token (looked up in the request's own transaction,
+    so a revocation holds at once on every process), and a ``readonly`` one only reads. The
+    token's name becomes the audit log's actor for the writes of this transaction."""
+    token = admin_token_from(request.headers)
+    principal = await admin_tokens.authenticate(session, token) if token else None
+    if principal is None:
+        raise errors.authentication(
+            "a valid admin token is required (Authorization: Bearer <token>)"
+        )
+    if principal.readonly and request.method not in READ_METHODS:
+        raise errors.ApiError(
+            403,
+            "permission_error",
+            f"the admin token {principal.name!r} is read-only: it may not {request.method} "
+            "anything",
+        )
+    audit.act_as(session, principal.name)
+    request.state.admin = principal
+    return principal
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
 Limit = Annotated[int, Query(ge=1, le=100)]
 Cursor = Annotated[str | None, Query(max_length=200)]
 
@@ -57,6 +84,7 @@ def customer_view(customer: Customer) -> dict[str, Any]:
         "balance_usd": format_usd(customer.balance_micros),
         "held_usd": format_usd(customer.held_micros),
         "available_usd": format_usd(customer.balance_micros - customer.held_micros),
+        "low_balance_usd": _usd(customer.low_balance_micros),
         "created_at": iso(customer.created_at),
     }
 

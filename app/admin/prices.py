@@ -7,7 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 
 from app.admin.deps import Cursor, Limit, ServicesDep, SessionDep, page
+from app.oversight import audit
 from billing import prices as price_repo
+from billing.models import PriceRow
 
 router = APIRouter(tags=["prices"])
 
@@ -24,6 +26,10 @@ async def list_prices(
 async def put_price(
     model: str, services: ServicesDep, session: SessionDep, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
+    existing = await session.get(PriceRow, model)
+    before = price_repo.price_view(existing) if existing is not None else None
     row = await price_repo.upsert_price(session, model, body)
+    view = price_repo.price_view(row)
+    await audit.record(session, "price.put", f"price:{row.model}", before=before, after=view)
     services.prices.invalidate()
-    return price_repo.price_view(row)
+    return view

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from app.cli import accounts as accounts_cmd
+from app.cli import admin_tokens as admin_tokens_cmd
 from app.cli import customers as customers_cmd
 from app.cli import serve as serve_cmd
 from app.cli.common import CliError
-from app.errors import to_api_error
+from app.errors import ApiError, to_api_error
 from app.settings import Settings
 from billing.errors import BillingError
 from pool.errors import PoolError
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     accounts_cmd.register(sub)
     customers_cmd.register(sub)
+    admin_tokens_cmd.register(sub)
     return parser
 
 
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
-    except (BillingError, PoolError) as exc:
+    except (ApiError, BillingError, PoolError) as exc:
         print(f"poolrelay: error: {to_api_error(exc).message}", file=sys.stderr)
         return 1
     except CliError as exc:

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.admin.accounts import account_views
-from app.cli.common import CliError, read_credential, run, sees_live_state
+from app.cli.common import CliError, cli_transaction, read_credential, run, sees_live_state
+from app.oversight import audit
 from app.settings import Settings
 from app.state import Services
 from pool import accounts as account_repo
@@ -56,7 +57,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
     credential = read_credential()
 
     async def job(services: Services) -> dict[str, Any]:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
             account = await account_repo.add_account(
                 session,
                 services.cipher,
@@ -67,6 +68,12 @@ def cmd_add(args: argparse.Namespace, settings: Settings) -> int:
                 models=account_repo.parse_models(args.models),
                 max_concurrency=args.max_concurrency,
                 weight=args.weight,
+            )
+            await audit.record(
+                session,
+                "account.create",
+                f"account:{account.id}",
+                after=audit.account_view(account),
             )
             return {"id": account.id, "name": account.name, "fingerprint": account.fingerprint}
 
@@ -134,8 +141,16 @@ def _durable_quarantine(view: dict[str, Any], row: UpstreamAccount) -> None:
 def _status(status: str) -> Any:
     def cmd(args: argparse.Namespace, settings: Settings) -> int:
         async def job(services: Services) -> str:
-            async with services.db.transaction() as session:
+            async with cli_transaction(services) as session:
+                before = audit.account_view(await account_repo.find_account(session, args.name))
                 account = await account_repo.set_status(session, args.name, status)
+                await audit.record(
+                    session,
+                    "account.enable" if status == "active" else "account.disable",
+                    f"account:{account.id}",
+                    before=before,
+                    after=audit.account_view(account),
+                )
             if status == "active":
                 await services.scheduler.clear_quarantine(account.id)
             return account.name
@@ -149,8 +164,16 @@ def _status(status: str) -> Any:
 
 def cmd_remove(args: argparse.Namespace, settings: Settings) -> int:
     async def job(services: Services) -> str:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
+            before = audit.account_view(await account_repo.find_account(session, args.name))
             account = await account_repo.remove_account(session, args.name)
+            await audit.record(
+                session,
+                "account.remove",
+                f"account:{account.id}",
+                before=before,
+                after=audit.account_view(account),
+            )
         return account.name
 
     print(f"account {run(settings, job)} removed (history kept)")
@@ -181,9 +204,17 @@ def cmd_set_credential(args: argparse.Namespace, settings: Settings) -> int:
     credential = read_credential("New upstream API key: ")
 
     async def job(services: Services) -> tuple[str, str]:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
+            before = audit.account_view(await account_repo.find_account(session, args.name))
             account = await account_repo.set_credential(
                 session, services.cipher, args.name, credential
+            )
+            await audit.record(
+                session,
+                "account.set_credential",
+                f"account:{account.id}",
+                before=before,
+                after=audit.account_view(account),
             )
         await services.scheduler.clear_quarantine(account.id)
         return account.name, account.fingerprint

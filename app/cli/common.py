@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import embedded_redis
+from app.oversight import audit
 from app.redis import fake_server_of
 from app.settings import Settings
 from app.state import Services, build_services
@@ -66,6 +68,14 @@ async def server_redis(settings: Settings) -> aioredis.Redis | None:
 def sees_live_state(services: Services) -> bool:
     """False when the command runs on a throwaway in-process Redis (no server running)."""
     return fake_server_of(services.redis) is None
+
+
+@contextlib.asynccontextmanager
+async def cli_transaction(services: Services) -> AsyncIterator[AsyncSession]:
+    """A write's transaction: its audit-log rows name the actor ``cli``."""
+    async with services.db.transaction() as session:
+        audit.act_as(session, audit.CLI)
+        yield session
 
 
 def run(settings: Settings, job: Callable[[Services], Awaitable[T]]) -> T:

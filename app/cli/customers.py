@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from app.cli.common import run
+from app.admin.deps import customer_view, entry_view, key_view
+from app.cli.common import cli_transaction, run
+from app.oversight import audit
 from app.settings import Settings
 from app.state import Services
 from billing import customers as customer_svc
@@ -41,9 +43,12 @@ def cmd_create_customer(args: argparse.Namespace, settings: Settings) -> int:
     amount = parse_usd(args.topup, field="--topup") if args.topup is not None else None
 
     async def job(services: Services) -> tuple[str, str, str, str]:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
             customer = await customer_svc.create_customer(session, args.name, args.price_multiplier)
+            target = f"customer:{customer.id}"
+            await audit.record(session, "customer.create", target, after=customer_view(customer))
             key, plaintext = await customer_svc.create_key(session, customer.id, "default")
+            await audit.record(session, "key.create", f"key:{key.id}", after=key_view(key))
             balance = 0
             if amount is not None:
                 entry, _ = await ledger.credit(
@@ -55,6 +60,13 @@ def cmd_create_customer(args: argparse.Namespace, settings: Settings) -> int:
                     idempotency_key=None,
                 )
                 balance = entry.balance_after_micros
+                await audit.record(
+                    session,
+                    "topup.create",
+                    target,
+                    before={"balance_usd": format_usd(0)},
+                    after=entry_view(entry),
+                )
             return customer.id, key.id, plaintext, format_usd(balance)
 
     customer_id, key_id, plaintext, balance = run(settings, job)
@@ -68,9 +80,10 @@ def cmd_create_customer(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
     async def job(services: Services) -> tuple[str, str, str]:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
             customer = await customer_svc.find_customer(session, args.customer)
             key, plaintext = await customer_svc.create_key(session, customer.id, args.name)
+            await audit.record(session, "key.create", f"key:{key.id}", after=key_view(key))
             return customer.id, key.id, plaintext
 
     customer_id, key_id, plaintext = run(settings, job)
@@ -85,8 +98,9 @@ def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
     amount = parse_usd(args.usd, field="USD")
 
     async def job(services: Services) -> tuple[str, str, bool]:
-        async with services.db.transaction() as session:
+        async with cli_transaction(services) as session:
             customer = await customer_svc.find_customer(session, args.customer)
+            balance_before = format_usd(customer.balance_micros)
             entry, created = await ledger.credit(
                 session,
                 customer.id,
@@ -95,6 +109,14 @@ def cmd_topup(args: argparse.Namespace, settings: Settings) -> int:
                 memo=args.memo,
                 idempotency_key=args.idempotency_key,
             )
+            if created:  # a replay writes nothing, and so records nothing
+                await audit.record(
+                    session,
+                    "topup.create",
+                    f"customer:{customer.id}",
+                    before={"balance_usd": balance_before},
+                    after=entry_view(entry),
+                )
             return customer.id, format_usd(entry.balance_after_micros), created
 
     customer_id, balance, created = run(settings, job)

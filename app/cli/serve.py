@@ -107,11 +107,17 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from app.cli.common import cli_transaction
+    from app.oversight import audit, webhooks
     from pool.accounts import rotate_encryption
 
     async def job(services: Services) -> int:
-        async with services.db.transaction() as session:
-            return await rotate_encryption(session, services.cipher)
+        async with cli_transaction(services) as session:
+            count = await rotate_encryption(session, services.cipher)
+            secrets = await webhooks.rotate_secrets(session, services.cipher)
+            after = {"credentials": count, "webhook_secrets": secrets}
+            await audit.record(session, "encryption.rotate", None, after=after)
+            return count
 
     count = run(settings, job)
     print(f"re-encrypted {count} credential(s) under the newest key")

@@ -32,6 +32,7 @@ from starlette.responses import Response
 from app import errors
 from app.errors import to_api_error
 from app.logs import log_request
+from app.oversight import signals
 from app.ratelimit import KeyRateLimiter
 from app.relay.checks import (
     check_model_allowed,
@@ -229,6 +230,10 @@ class Relay:
                 async with db.transaction() as session:
                     reservation = await budgets.reserve(session, key.key_id, budget, amount)
             except BudgetExceeded as exc:
+                # issue 15B: one SADD for the key.budget_exhausted webhook (workers/notify.py)
+                await signals.budget_exhausted(
+                    self.services.redis, key.key_id, exc.scope, exc.limit_micros
+                )
                 if policy.budget_action == "block":
                     raise
                 message = f"{exc.scope} budget of {format_usd(exc.limit_micros)} USD exhausted"
