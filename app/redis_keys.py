@@ -11,6 +11,8 @@ the workers read the same keys without either importing the other's code::
     poolrelay:rl:{<key id>}:reqs|tokens a key's rpm/tpm windows
     poolrelay:kc:{<key id>}:…           a key's concurrency slots and queue (app.keyslots)
     poolrelay:wake:<owner>              Pub/Sub: a process's waiters are handed their slots
+    poolrelay:notify:budget_exhausted   SET of keys whose budget ran out since the last scan
+                                        (the workers raise key.budget_exhausted)
 
 The pool's own state (``poolrelay:{pool}:*``: headroom, leases, quarantines, the wait queue)
 is :mod:`pool.scheduler`'s schema, named in its docstring; it publishes on the same
@@ -23,6 +25,7 @@ from typing import Final
 
 EPOCH: Final = "poolrelay:epoch"
 WAKE_PREFIX: Final = "poolrelay:wake:"
+BUDGET_EXHAUSTED: Final = "poolrelay:notify:budget_exhausted"
 
 
 def instance(instance_id: str) -> str:

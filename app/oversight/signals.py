@@ -12,9 +12,10 @@ import logging
 
 import redis.asyncio as aioredis
 
+from app import redis_keys
 from billing.budgets import periods
 
-BUDGET_EXHAUSTED = "poolrelay:notify:budget_exhausted"
+BUDGET_EXHAUSTED = redis_keys.BUDGET_EXHAUSTED
 """SET of ``key_id|scope|period|limit_micros``."""
 
 log = logging.getLogger("poolrelay.webhooks")
