@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=10)
     log_bodies: bool = False
     max_body_bytes: int = Field(default=33_554_432, ge=1024)
+    queue_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """How long a request may wait, first come first served, for a free concurrency slot (an
+    account's or its key's ``max_concurrency``) before it is refused with 429; 0: never wait."""
 
     # Beyond the contract's table: operational knobs with sensible defaults.
     db_pool_size: int = Field(default=10, ge=1, le=200)

@@ -37,6 +37,7 @@ from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge
 from app.relay.forward import Opened, Trace, header_budget, on_failure, open_upstream
+from app.relay.queueing import Turn
 from app.relay.sse import StreamMeter
 from app.relay.stream import ClientWatch, RelayStream, StreamEnd
 from app.state import Services
@@ -138,6 +139,8 @@ class Billed:
     max_tokens: int = 0
     """The request's output cap: no estimate of its output may exceed it."""
     session_id: str | None = None
+    turn: Turn | None = None
+    """[queue] The request's turn at the concurrency caps (key slot, waits): app.relay.queueing."""
 
 
 def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
@@ -472,6 +475,8 @@ class Relay:
             if estimate:
                 cost = min(cost, billed.hold_micros)
         outcome.model = model or outcome.model
+        if billed.turn is not None:  # [queue] time waited for concurrency slots
+            outcome.queue_ms = billed.turn.queue_ms
         if outcome.duration_ms is None:
             outcome.duration_ms = int((time.monotonic() - billed.started) * 1000)
         for attempt in range(3):
@@ -709,9 +714,18 @@ class Relay:
             # this request behind all the others.)
             await asyncio.sleep(0)
         trace = Trace()
+        # [queue] the key's and the pool's concurrency caps: wait, do not refuse
+        turn = billed.turn = Turn(
+            services,
+            key_id=billed.key.key_id,
+            cap=billed.key.policy.max_concurrency,
+            gate=billed.placement,
+            notes=billed.headers,
+        )
         # The client may leave while the upstream thinks: then the attempt stops at once.
         watch = ClientWatch(request.receive)
         try:
+            await turn.take_key_slot()  # [queue]
             opened = await open_upstream(
                 services,
                 method="POST",
@@ -730,14 +744,17 @@ class Relay:
                 header=header_budget(
                     services.settings, streaming=billed.stream, max_tokens=billed.max_tokens
                 ),
+                queue=turn,  # [queue]
             )
         except asyncio.CancelledError:
             watch.stop()
+            await turn.release()  # [queue]
             if not watch.withdraw():
                 raise
             return await self._client_left(billed, trace, edge)
         except Exception as exc:
             watch.stop()
+            await turn.release()  # [queue]
             refusal = await self._placement_error(billed)
             if refusal is not None:  # no hold: the balance (or the customer) said no
                 return await self._refuse(
@@ -773,6 +790,7 @@ class Relay:
         headers.append(("x-poolrelay-request-id", request_id))
         if opened.body is not None:  # the upstream rejected the request on its merits
             await services.scheduler.release(opened.lease)
+            await turn.release()  # [queue]
             await self._release_quietly(
                 billed,
                 Outcome(
@@ -790,6 +808,7 @@ class Relay:
 
         if opened.response.headers.get("content-type", "").startswith("text/event-stream"):
             renewal = self._keep_lease(opened)
+            turn.keep()  # [queue] renewed while the stream runs; given back in _finish_stream
             return RelayStream(
                 opened.response,
                 headers,
@@ -801,7 +820,10 @@ class Relay:
                 max_seconds=services.settings.max_request_seconds,
                 started=billed.started,
             )
-        return await self._finish_json(billed, opened, headers, edge)
+        try:
+            return await self._finish_json(billed, opened, headers, edge)
+        finally:
+            await turn.release()  # [queue]
 
     async def _client_left(self, billed: Billed, trace: Trace, edge: Edge) -> Response:
         """The client closed the connection before the upstream answered: the attempt was
@@ -932,6 +954,8 @@ class Relay:
         renewal: LeaseRenewal,
     ) -> None:
         renewal.cancel()
+        if billed.turn is not None:  # [queue] the key slot goes back
+            await billed.turn.release()
         ending = self._end_lease(opened, success=end.status == "ok")
         if end.account_fault:  # the account broke the stream: its circuit breaker counts it
             try:
