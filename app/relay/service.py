@@ -586,6 +586,7 @@ class Relay:
             attempts=outcome.attempts,
             ttfb_ms=outcome.ttfb_ms,
             duration_ms=outcome.duration_ms,
+            queue_ms=outcome.queue_ms,  # [queue]
             input_tokens=u.input_tokens,
             output_tokens=u.output_tokens,
             cache_write_tokens=u.cache_creation_input_tokens,
