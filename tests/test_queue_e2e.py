@@ -412,6 +412,46 @@ def test_a_key_wait_times_out_in_a_429_naming_the_keys_limit(
     assert eventually(lambda: settled(relay, customer_id))
 
 
+def test_a_client_waiting_for_its_keys_slot_that_disconnects_leaves_the_queue(
+    start_relay: Any, fake: FakeUpstream
+) -> None:
+    relay = start_relay()
+    relay.add_account("wide", KEY_A, fake.url)
+    customer_id, _ = relay.create_customer(balance_usd="5")
+    key_id, key = add_key(relay, customer_id, max_concurrency=1)
+    fake.fault(KEY_A, "slow_stream", delay=0.3)  # ~2.1 s
+    key_queue = f"poolrelay:kc:{{{key_id}}}:wq"
+    seen: dict[str, Any] = {}
+
+    async def main() -> tuple[Any, Any]:
+        holder = asyncio.create_task(post(relay, key, payload("holder", stream=True)))
+        await asyncio.sleep(0.3)
+        leaver = asyncio.create_task(
+            post(relay, key, payload("leaver", stream=True), client_timeout=0.6)
+        )
+        await asyncio.sleep(0.1)
+        stayer = asyncio.create_task(post(relay, key, payload("stayer", stream=True)))
+        await asyncio.to_thread(eventually, lambda: waiting(relay, "key") == 2, 0.4)
+        seen["both waiting"] = (waiting(relay, "key"), redis_call(relay, "zcard", key_queue))
+        with pytest.raises(httpx.ReadTimeout):
+            await leaver
+        await asyncio.to_thread(eventually, lambda: waiting(relay, "key") == 1, 1.0)
+        seen["one left"] = (waiting(relay, "key"), redis_call(relay, "zcard", key_queue))
+        seen["holder still running"] = not holder.done()
+        return await holder, await stayer
+
+    (held, _, _), (stayed, body, _) = asyncio.run(main())
+    assert seen["both waiting"] == (2, 2)
+    assert seen["one left"] == (1, 1) and seen["holder still running"]
+    assert held.status_code == 200 and stayed.status_code == 200
+    assert body.count(b"event: message_stop") == 1 and int(stayed.headers[QUEUE_MS]) > 500
+    assert eventually(lambda: key_slots_taken(relay, key_id) == 0)
+    assert eventually(lambda: settled(relay, customer_id))
+    assert fake.count(KEY_A) == 2  # the leaver was never sent upstream
+    debits = [e for e in relay.ledger(customer_id) if e["kind"] == "usage"]
+    assert len(debits) == 2
+
+
 def test_a_keys_slot_comes_back_on_every_path(start_relay: Any, fake: FakeUpstream) -> None:
     """With QUEUE_SECONDS 0, a slot left behind would refuse the next request at once."""
     relay = start_relay(queue_seconds=0, max_attempts=2)
