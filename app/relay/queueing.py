@@ -138,7 +138,11 @@ class Turn:
                     await asyncio.shield(_leave(queue, queued))
                     raise
                 self._gate = None
-            await services.waiters.start()
+            try:  # the wake-up channel (subscribed once per process) must be there first
+                await asyncio.wait_for(services.waiters.start(), max(0.1, allowed))
+            except TimeoutError:  # Redis is not answering: as if no slot had freed
+                await asyncio.shield(_leave(queue, queued))
+                raise NoCapacity(1.0, concurrency=True) from None
             return await wait_for_slot(
                 queue, services.waiters, queued, max(0.0, allowed - (loop.time() - began))
             )
