@@ -120,6 +120,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        for kind in ("pool", "key"):  # scraped as 0 before the first wait
+            self.queue_depth.labels(kind)
 
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 

@@ -167,6 +167,10 @@ def test_a_request_waits_for_the_accounts_slot_then_goes(
     assert row["status"] == "ok" and row["queue_ms"] == queue_ms
     assert eventually(lambda: settled(relay, customer_id))
     assert in_flight(relay)["capped"] == 0 and waiting(relay, "pool") == 0
+    scraped = httpx.get(f"{relay.url}/metrics").text
+    assert 'poolrelay_queue_waiting{kind="pool"} 0.0' in scraped
+    assert 'poolrelay_queue_waiting{kind="key"} 0.0' in scraped
+    assert 'poolrelay_queue_wait_seconds_count{kind="pool",result="granted"} 1.0' in scraped
 
 
 def test_the_wait_times_out_in_a_429_naming_the_concurrency_limit(
