@@ -129,6 +129,13 @@ def to_api_error(exc: Exception) -> ApiError:
     if isinstance(exc, be.InvalidField):
         return invalid_request(f"{exc.field}: {exc.reason}")
     if isinstance(exc, pe.NoCapacity):
+        if exc.concurrency:
+            return rate_limited(
+                "The pool is at its concurrency limit: every upstream account that can serve "
+                "this request has all its max_concurrency slots taken (none freed within "
+                "QUEUE_SECONDS); retry shortly.",
+                exc.retry_after,
+            )
         return rate_limited(
             "Every upstream account is at its rate limit; retry shortly.", exc.retry_after
         )

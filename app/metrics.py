@@ -113,6 +113,22 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.queue_depth = Gauge(
+            "poolrelay_queue_waiting",
+            "Requests of this process waiting for a concurrency slot, by kind (pool: an"
+            " account's max_concurrency; key: the key's max_concurrency)",
+            ["kind"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "poolrelay_queue_wait_seconds",
+            "Time a request waited for a concurrency slot (granted or not), by kind and result",
+            ["kind", "result"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for kind in ("pool", "key"):  # scraped as 0 before the first wait
+            self.queue_depth.labels(kind)
 
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 

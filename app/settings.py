@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     stream_hold_tokens: int = Field(default=8192, ge=1)
     """Output tokens a stream's first hold covers; the hold grows by as many while the stream
     runs (contract §6)."""
+    queue_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """How long a request may wait, first come first served, for a free concurrency slot (an
+    account's or its key's ``max_concurrency``) before it is refused with 429; 0: never wait."""
 
     # Beyond the contract's table: operational knobs with sensible defaults.
     db_pool_size: int = Field(default=10, ge=1, le=200)

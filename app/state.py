@@ -23,6 +23,7 @@ from cryptography.fernet import Fernet
 from app.auth import KeyAuthenticator
 from app.db import Database
 from app.instances import INSTANCE_PREFIX
+from app.keyslots import KeySlots
 from app.metrics import Metrics
 from app.redis import Command, make_redis, pipelined
 from app.settings import Settings
@@ -38,6 +39,7 @@ from pool.crypto import CredentialCipher, parse_keys
 from pool.models import UpstreamAccount
 from pool.scheduler import AcquireCall, Lease, LeaseEnd, Scheduler
 from pool.upstream import UpstreamClient, make_client
+from pool.waiters import Waiters
 
 if TYPE_CHECKING:
     import httpx
@@ -131,6 +133,11 @@ class Services:
     holds: HoldStore
     """Holds, extensions and settlements: group-committed statements on PostgreSQL
     (:class:`~billing.holds_pg.PgHolds`), a transaction each elsewhere."""
+    waiters: Waiters
+    """The process's wake-up channel for requests waiting for a concurrency slot (one Pub/Sub
+    subscription, started by the first wait: :mod:`app.relay.queueing`)."""
+    key_slots: KeySlots
+    """Keys' ``max_concurrency`` slots, shared by every relay process."""
     instance_id: str = field(default_factory=lambda: INSTANCE_PREFIX + secrets.token_hex(8))
     """``inst_`` + 16 hex; the hex part owns the process's leases (``Scheduler(owner=)``)."""
     metrics: Metrics = field(default_factory=Metrics)
@@ -157,6 +164,7 @@ class Services:
         return self._upstream
 
     async def aclose(self) -> None:
+        await self.waiters.aclose()
         if self._http is not None:
             await self._http.aclose()
         if self._upstream is not None:
@@ -214,5 +222,7 @@ def build_services(settings: Settings, *, redis: aioredis.Redis | None = None) -
         lease_starts=GroupCommit(scheduler.acquire_many),
         lease_ends=GroupCommit(end_leases),
         redis_commands=pipelined(redis),
+        waiters=Waiters(redis, scheduler.wake_channel),
+        key_slots=KeySlots(redis, owner=instance_hex),
         instance_id=INSTANCE_PREFIX + instance_hex,
     )

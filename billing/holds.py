@@ -129,6 +129,8 @@ class Outcome:
     error: str | None = None
     ttfb_ms: int | None = None
     duration_ms: int | None = None
+    queue_ms: int | None = None
+    """Time waited for concurrency slots (the key's and the pool's), set at settlement."""
     response_body: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +146,7 @@ class Outcome:
             "error": _clip(self.error),
             "ttfb_ms": self.ttfb_ms,
             "duration_ms": self.duration_ms,
+            "queue_ms": self.queue_ms,
         }
 
 

@@ -105,7 +105,8 @@ WITH h AS (
     model = COALESCE(%(model)s, model), account_id = %(account_id)s,
     upstream_request_id = %(upstream_request_id)s, attempts = %(attempts)s,
     accounts_tried = %(accounts_tried)s, error = %(error)s,
-    ttfb_ms = %(ttfb_ms)s, duration_ms = %(duration_ms)s, finished_at = %(now)s,
+    ttfb_ms = %(ttfb_ms)s, duration_ms = %(duration_ms)s, queue_ms = %(queue_ms)s,
+    finished_at = %(now)s,
     response_body = COALESCE(%(response_body)s, response_body),
     input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
     cache_write_5m_tokens = %(cache_write_5m)s, cache_write_1h_tokens = %(cache_write_1h)s,
@@ -158,10 +159,10 @@ WITH i AS (
     %(attempts)s::int[], %(error)s::text[], %(ttfb_ms)s::int[], %(duration_ms)s::int[],
     %(response_body)s::text[], %(input_tokens)s::bigint[], %(output_tokens)s::bigint[],
     %(cache_write_5m)s::bigint[], %(cache_write_1h)s::bigint[], %(cache_read)s::bigint[],
-    %(accounts_tried)s::text[]
+    %(accounts_tried)s::text[], %(queue_ms)s::int[]
   ) WITH ORDINALITY AS t(request_id, cost, status, http_status, model, account_id,
     upstream_request_id, attempts, error, ttfb_ms, duration_ms, response_body, input_tokens,
-    output_tokens, cache_write_5m, cache_write_1h, cache_read, accounts_tried, ord)
+    output_tokens, cache_write_5m, cache_write_1h, cache_read, accounts_tried, queue_ms, ord)
 ), h AS (
   DELETE FROM holds USING i WHERE holds.request_id = i.request_id
   RETURNING holds.request_id, holds.customer_id, holds.amount_micros, holds.key_id,
@@ -204,7 +205,8 @@ WITH i AS (
     model = COALESCE(i.model, request_log.model), account_id = i.account_id,
     upstream_request_id = i.upstream_request_id, attempts = i.attempts,
     accounts_tried = i.accounts_tried, error = i.error,
-    ttfb_ms = i.ttfb_ms, duration_ms = i.duration_ms, finished_at = %(now)s,
+    ttfb_ms = i.ttfb_ms, duration_ms = i.duration_ms, queue_ms = i.queue_ms,
+    finished_at = %(now)s,
     response_body = COALESCE(i.response_body, request_log.response_body),
     input_tokens = i.input_tokens, output_tokens = i.output_tokens,
     cache_write_5m_tokens = i.cache_write_5m, cache_write_1h_tokens = i.cache_write_1h,

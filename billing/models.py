@@ -248,5 +248,7 @@ class RequestRecord(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=sa.DateTime(timezone=True))
     ttfb_ms: int | None = None
     duration_ms: int | None = None
+    queue_ms: int | None = None
+    """Time the request waited for a concurrency slot (its key's and the pool's)."""
     request_body: str | None = Field(default=None, sa_type=sa.Text)
     response_body: str | None = Field(default=None, sa_type=sa.Text)

@@ -299,6 +299,7 @@ def request_view(row: RequestRecord, *, with_bodies: bool) -> dict[str, Any]:
         "finished_at": iso(row.finished_at),
         "ttfb_ms": row.ttfb_ms,
         "duration_ms": row.duration_ms,
+        "queue_ms": row.queue_ms,
     }
     if with_bodies:
         view["request_body"] = row.request_body

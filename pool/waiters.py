@@ -125,13 +125,16 @@ async def wait_for_slot(
     """Wait until ``queued`` (a :class:`pool.errors.Queued`) is handed a slot; return its
     :class:`pool.scheduler.Lease`. Raises :class:`pool.errors.NoCapacity` (``concurrency``)
     when the wait ends first, and :class:`asyncio.CancelledError` when ``gone`` (the client
-    went away) resolves first — leaving the queue, or giving back a slot handed over
-    meanwhile, in both cases. ``seconds``: how long it may wait (the queue's own deadline in
-    Redis is the same span)."""
+    went away) resolves first or the waiting task is cancelled — leaving the queue, or giving
+    back a slot handed over meanwhile, in every case (shielded from a further cancellation).
+    ``seconds``: how long it may wait (the queue's own deadline in Redis is the same span).
+    ``scheduler``: a :class:`pool.scheduler.Scheduler`, or anything with its ``grant_of``,
+    ``granted``, ``unwait`` and ``release`` (:class:`app.keyslots.KeySlots`)."""
     from pool.errors import NoCapacity
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    final: asyncio.Future[Any] | None = None  # the last unwait, once the time is up
     try:
         while True:
             future = waiters.expect(queued.lease_id)
@@ -144,9 +147,6 @@ async def wait_for_slot(
             pending = {future} if gone is None else {future, gone}
             done, _ = await asyncio.wait(pending, timeout=left, return_when="FIRST_COMPLETED")
             if gone is not None and gone in done:
-                lease = await scheduler.unwait(queued)
-                if lease is not None:
-                    await scheduler.release(lease)
                 raise asyncio.CancelledError("the client went away while waiting")
             if future in done:
                 message = future.result()
@@ -156,9 +156,21 @@ async def wait_for_slot(
                         return lease
                 continue  # look again (a lost wake-up), and wait on
             break  # timed out
+        final = asyncio.ensure_future(scheduler.unwait(queued))
+        lease = await asyncio.shield(final)
+    except asyncio.CancelledError:
+        await asyncio.shield(_leave(scheduler, queued, final))
+        raise
     finally:
         waiters.forget(queued.lease_id)
-    lease = await scheduler.unwait(queued)
     if lease is not None:  # handed over at the last moment
         return lease
     raise NoCapacity(1.0, concurrency=True)
+
+
+async def _leave(scheduler: Any, queued: Any, unwaiting: asyncio.Future[Any] | None) -> None:
+    """Leave the queue (``unwaiting``: an unwait already under way); a slot handed over
+    meanwhile goes back at once (to the next waiter)."""
+    lease = await (unwaiting if unwaiting is not None else scheduler.unwait(queued))
+    if lease is not None:
+        await scheduler.release(lease)

@@ -141,6 +141,42 @@ def test_a_waiter_whose_client_leaves_leaves_the_queue_at_once(backend: str) -> 
     run(backend, body)
 
 
+def test_a_cancelled_waiter_leaves_the_queue_and_gives_back_a_slot_handed_over(
+    backend: str,
+) -> None:
+    """The relay's ClientWatch cancels the waiting task when the client goes away."""
+
+    async def body(client: Any) -> None:
+        s = Scheduler(client, owner=OWNER_A)
+        waiters = Waiters(client, s.wake_channel)
+        await waiters.start()
+        holder = await s.acquire(POOL, expected_tokens=10)
+        first, second = await queued(s), await queued(s)
+        leaving = asyncio.create_task(wait_for_slot(s, waiters, first, 5.0))
+        staying = asyncio.create_task(wait_for_slot(s, waiters, second, 5.0))
+        await asyncio.sleep(0.05)
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert waiters.waiting == 1
+        await s.release(holder)  # the first in line left: the slot goes to the second
+        lease = await asyncio.wait_for(staying, 2)
+        assert lease.lease_id == second.lease_id
+        # handed over, then cancelled before the waiter took it: the slot goes back
+        third = await queued(s)
+        taking = asyncio.create_task(wait_for_slot(s, waiters, third, 5.0))
+        await asyncio.sleep(0.05)
+        await s.release(lease)
+        taking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taking
+        assert (await s.states(["x"]))["x"].in_flight == 0
+        assert await s.grant_of(third) is None
+        await waiters.aclose()
+
+    run(backend, body)
+
+
 def test_a_lost_wake_up_is_found_on_the_recheck(backend: str) -> None:
     async def body(client: Any) -> None:
         s = Scheduler(client, owner=OWNER_A)

@@ -33,6 +33,7 @@ import orjson
 from app.logs import log_request
 from app.ratelimit import KeyRateLimiter
 from app.redis_keys import progress as progress_key
+from app.relay.queueing import Turn
 from app.relay.sse import StreamMeter
 from app.state import Services
 from billing import budgets, holds
@@ -189,6 +190,8 @@ class Credit:
         self.outcome = Outcome(status="ok")
         """How the request went, filled in as it goes (account, attempts, ttfb)."""
         self.cut_for_credit = False
+        self.turn: Turn | None = None
+        """The request's turn at the concurrency caps (app.relay.queueing)."""
 
     def _cost_of_output(self, output_tokens: int) -> int:
         usage = dataclasses.replace(self._worst, output_tokens=output_tokens)
@@ -336,6 +339,8 @@ class Credit:
         outcome.model = model or outcome.model
         if outcome.duration_ms is None:
             outcome.duration_ms = int((time.monotonic() - self.started) * 1000)
+        if self.turn is not None:  # time waited for concurrency slots
+            outcome.queue_ms = self.turn.queue_ms
         store = self.desk.services.holds
         for attempt in range(3):
             try:
@@ -435,6 +440,7 @@ class Credit:
             attempts=outcome.attempts,
             ttfb_ms=outcome.ttfb_ms,
             duration_ms=outcome.duration_ms,
+            queue_ms=outcome.queue_ms,
             input_tokens=u.input_tokens,
             output_tokens=u.output_tokens,
             cache_write_tokens=u.cache_creation_input_tokens,

@@ -26,11 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app import errors
+from app.relay.queueing import Turn
 from app.settings import Settings
 from app.state import Services
 from pool import accounts as account_repo
 from pool.accounts import LiveAccount
-from pool.errors import NoAccount, NoCapacity
+from pool.errors import NoAccount, NoCapacity, Queued
 from pool.headroom import parse_ratelimit_headers, parse_retry_after
 from pool.scheduler import Lease
 from pool.upstream import (
@@ -153,6 +154,7 @@ async def open_upstream(
     gate: Awaitable[None] | None = None,
     trace: Trace | None = None,
     header: HeaderBudget | None = None,
+    queue: Turn | None = None,
 ) -> Opened:
     """Lease an account and send the request to it, failing over before the first byte.
 
@@ -161,12 +163,19 @@ async def open_upstream(
     back and its error propagates. ``trace`` collects the attempts made. ``header`` bounds the
     wait for each attempt's response headers (default: what is left of ``REQUEST_DEADLINE``,
     see :func:`header_budget`).
+
+    ``queue``: the request's :class:`~app.relay.queueing.Turn`. With one, a request that only
+    accounts' concurrency caps keep out waits in the pool's queue (first come, first served,
+    for what is left of ``QUEUE_SECONDS``) and goes on with the slot it is handed; the time
+    waited is not taken from the deadlines above. Without one it is refused at once (429).
     """
     trace = trace if trace is not None else Trace()
     settings = services.settings
-    deadline = started + settings.request_deadline
+    # time spent waiting for a concurrency slot (the key's, before this) is not the upstream's
+    waited = queue.waited if queue is not None else 0.0
+    deadline = started + waited + settings.request_deadline
     header = header if header is not None else HeaderBudget(settings.request_deadline)
-    headers_due = started + header.total
+    headers_due = started + waited + header.total
     exclude: set[str] = set()
     failures: list[str] = []
     last_verdict: Verdict | None = None
@@ -176,9 +185,20 @@ async def open_upstream(
         candidates = services.directory.candidates(model)
         try:
             call = services.scheduler.acquire_call(
-                candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude
+                candidates,
+                expected_tokens=expected_tokens,
+                affinity=affinity,
+                exclude=exclude,
+                wait=queue.left if queue is not None else 0.0,
             )
-            lease = await services.lease_starts.submit(call)
+            try:
+                lease = await services.lease_starts.submit(call)
+            except Queued as queued:
+                assert queue is not None  # only a call with a wait is queued
+                before = queue.waited
+                lease = await queue.wait_for_lease(queued)
+                deadline += queue.waited - before  # waiting does not eat the upstream's time
+                headers_due += queue.waited - before
         except NoCapacity as exc:
             # What is left is rate limited or full: 429, as the next request would get from
             # the scheduler, whatever this request's earlier attempts ran into.

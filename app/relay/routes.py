@@ -19,6 +19,7 @@ from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.me import SelfService
 from app.relay.models import ModelCatalog
 from app.relay.openai import is_openai_client, models_to_openai
+from app.relay.queueing import Turn
 from app.relay.service import Relay, check_model_allowed, check_model_id, read_body
 from app.state import Services
 from billing import usage as usage_repo
@@ -98,6 +99,7 @@ class CustomerApi:
                 affinity=None,
                 started=started,
                 trace=trace,
+                queue=Turn(self.services),  # waits for the pool's caps too
             )
         except (ApiError, BillingError, PoolError) as exc:
             err = to_api_error(exc)

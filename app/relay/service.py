@@ -43,6 +43,7 @@ from app.relay.checks import (
 from app.relay.credit import Credit, Desk
 from app.relay.edges import Edge
 from app.relay.forward import Opened, Trace, header_budget, on_failure, open_upstream
+from app.relay.queueing import Turn
 from app.relay.stream import ClientWatch, RelayStream, StreamEnd
 from app.state import Services
 from billing import budgets, request_log
@@ -375,9 +376,18 @@ class Relay:
         services = self.services
         request_id = credit.request_id
         trace = Trace()
+        # the key's and the pool's concurrency caps: wait, do not refuse
+        turn = credit.turn = Turn(
+            services,
+            key_id=credit.key.key_id,
+            cap=credit.key.policy.max_concurrency,
+            gate=credit.placement,
+            notes=credit.headers,
+        )
         # The client may leave while the upstream thinks: then the attempt stops at once.
         watch = ClientWatch(request.receive)
         try:
+            await turn.take_key_slot()
             opened = await open_upstream(
                 services,
                 method="POST",
@@ -396,14 +406,17 @@ class Relay:
                 header=header_budget(
                     services.settings, streaming=credit.stream, max_tokens=credit.max_tokens
                 ),
+                queue=turn,
             )
         except asyncio.CancelledError:
             watch.stop()
+            await turn.release()
             if not watch.withdraw():
                 raise
             return await self._client_left(credit, trace, edge)
         except Exception as exc:
             watch.stop()
+            await turn.release()
             refusal = await credit.refusal()
             if refusal is not None:  # no hold: the balance (or the customer) said no
                 return await self._refuse(
@@ -447,6 +460,7 @@ class Relay:
         headers.append(("x-poolrelay-request-id", request_id))
         if opened.body is not None:  # the upstream rejected the request on its merits
             await services.scheduler.release(opened.lease)
+            await turn.release()
             outcome = credit.outcome
             outcome.status = "rejected"
             outcome.error = opened.body[:500].decode("utf-8", "replace")
@@ -455,9 +469,11 @@ class Relay:
 
         if opened.response.headers.get("content-type", "").startswith("text/event-stream"):
             renewal = self._keep_lease(opened)
+            turn.keep()  # renewed while the stream runs
 
             async def end_lease(end: StreamEnd) -> None:
                 renewal.cancel()
+                await turn.release()  # the key slot goes back
                 ending = self._end_lease(opened, success=end.status == "ok")
                 if end.account_fault:  # the account broke the stream: its breaker counts it
                     try:
@@ -475,7 +491,10 @@ class Relay:
                 max_seconds=services.settings.max_request_seconds,
                 started=credit.started,
             )
-        return await self._finish_json(credit, opened, headers, edge)
+        try:
+            return await self._finish_json(credit, opened, headers, edge)
+        finally:
+            await turn.release()
 
     async def _client_left(self, credit: Credit, trace: Trace, edge: Edge) -> Response:
         """The client closed the connection before the upstream answered: the attempt was
