@@ -9,6 +9,7 @@ from sqlmodel import SQLModel
 
 import app.meta
 import billing.models
+import billing.owned
 import pool.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config

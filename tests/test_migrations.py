@@ -22,6 +22,7 @@ from sqlmodel import SQLModel
 
 import app.meta
 import billing.models
+import billing.owned
 import pool.models
 from app.db import sync_url
 from app.migrate import alembic_config, downgrade, upgrade
@@ -38,7 +39,12 @@ TABLES = {
     "request_log",
     "upstream_accounts",
 }
-_ = (app.meta, billing.models, pool.models)  # every table registered on SQLModel.metadata
+_ = (
+    app.meta,
+    billing.models,
+    billing.owned,
+    pool.models,
+)  # every table registered on SQLModel.metadata
 
 
 def _with_db(url: str, name: str) -> str:
