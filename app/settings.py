@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=10)
     log_bodies: bool = False
     max_body_bytes: int = Field(default=33_554_432, ge=1024)
+    batch_poll_seconds: float = Field(default=60.0, gt=0)
+    """How often the workers look at batches in progress (and settle the ended ones)."""
 
     # Beyond the contract's table: operational knobs with sensible defaults.
     db_pool_size: int = Field(default=10, ge=1, le=200)

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import holds
+from billing.batch_billing import BATCH_HOLD_INSTANCE
 from billing.holds import Outcome
 from billing.models import Customer, Hold, LedgerEntry, RequestRecord, utcnow
 from billing.pricing import Price, Usage, cost_micros
@@ -78,9 +79,16 @@ async def stale_holds(
     max_age: timedelta,
     now: datetime | None = None,
 ) -> list[Hold]:
-    """Holds whose process no longer heart-beats, or that are older than any request can be."""
+    """Holds whose process no longer heart-beats, or that are older than any request can be.
+    A batch's hold (``instance_id`` :data:`~billing.batch_billing.BATCH_HOLD_INSTANCE`) is
+    never one: it lives until the batch settles (``workers.batches``), a day or more."""
     now = now or utcnow()
-    rows = list((await session.execute(sa.select(Hold).order_by(Hold.created_at))).scalars())  # type: ignore[arg-type]
+    query = (
+        sa.select(Hold)
+        .where(Hold.instance_id != BATCH_HOLD_INSTANCE)  # type: ignore[arg-type]
+        .order_by(Hold.created_at)  # type: ignore[arg-type]
+    )
+    rows = list((await session.execute(query)).scalars())
     stale: list[Hold] = []
     alive: dict[str, bool] = {}
     for hold in rows:

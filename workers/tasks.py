@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from app import instances
+from app import batch_settlement, instances
 from app.state import Services
 from billing import reconcile, usage
 from billing.models import Hold
@@ -225,3 +225,11 @@ async def rollup_usage(ctx: dict[str, Any]) -> dict[str, Any]:
     if moved:
         log.info("rolled %d request-log rows into daily usage", moved)
     return {"moved": moved}
+
+
+async def settle_batches(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Look at the batches in progress; charge the succeeded lines of those that ended and
+    release the rest of their holds (:mod:`app.batch_settlement`). Idempotent: a line is
+    charged once whoever settles it, however often."""
+    services: Services = ctx["services"]
+    return dict(await batch_settlement.settle_due(services))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -153,6 +153,7 @@ async def open_upstream(
     gate: Awaitable[None] | None = None,
     trace: Trace | None = None,
     header: HeaderBudget | None = None,
+    only: Collection[str] | None = None,
 ) -> Opened:
     """Lease an account and send the request to it, failing over before the first byte.
 
@@ -160,7 +161,8 @@ async def open_upstream(
     before anything is sent, so the two round trips overlap; when it raises, the lease is given
     back and its error propagates. ``trace`` collects the attempts made. ``header`` bounds the
     wait for each attempt's response headers (default: what is left of ``REQUEST_DEADLINE``,
-    see :func:`header_budget`).
+    see :func:`header_budget`). ``only``: the accounts the request may go to, and no other
+    (a request naming a file: the accounts of the file's group; see the scheduler).
     """
     trace = trace if trace is not None else Trace()
     settings = services.settings
@@ -176,7 +178,11 @@ async def open_upstream(
         candidates = services.directory.candidates(model)
         try:
             call = services.scheduler.acquire_call(
-                candidates, expected_tokens=expected_tokens, affinity=affinity, exclude=exclude
+                candidates,
+                expected_tokens=expected_tokens,
+                affinity=affinity,
+                exclude=exclude,
+                only=only,
             )
             lease = await services.lease_starts.submit(call)
         except NoCapacity as exc:

@@ -34,6 +34,7 @@ from starlette.responses import Response
 from app import errors, http_limits
 from app.errors import to_api_error
 from app.logs import log_request
+from app.owned import file_pin
 from app.ratelimit import KeyRateLimiter
 from app.relay.edges import Edge
 from app.relay.forward import Opened, Trace, header_budget, on_failure, open_upstream
@@ -138,6 +139,8 @@ class Billed:
     max_tokens: int = 0
     """The request's output cap: no estimate of its output may exceed it."""
     session_id: str | None = None
+    only: frozenset[str] | None = None
+    """The accounts it may go to, and no other (it names files: their group's accounts)."""
 
 
 def worst_case(body: dict[str, Any], price: Price, multiplier: Decimal) -> tuple[int, int]:
@@ -612,6 +615,7 @@ class Relay:
             raw = await read_body(request, settings.max_body_bytes, settings.client_body_timeout)
             body = edge.parse(raw)
             validate_messages_body(body)
+            only = await file_pin(self.services, key.customer_id, [body], raw)
             edited = await self.route(key, body, notes)
             check_model_allowed(key, str(body["model"]))
             await self.limit(key, request_id, raw, notes)
@@ -625,6 +629,7 @@ class Relay:
                 notes=notes,
                 client_session=session_id(request.headers, body),
             )
+            billed.only = only
         except Exception as exc:  # expected refusals, and failures (the database unreachable)
             session = session_id(request.headers, body)
             return await self._refuse(exc, request_id, edge, notes, key, body, started, session)
@@ -730,6 +735,7 @@ class Relay:
                 header=header_budget(
                     services.settings, streaming=billed.stream, max_tokens=billed.max_tokens
                 ),
+                only=billed.only,
             )
         except asyncio.CancelledError:
             watch.stop()
