@@ -240,7 +240,7 @@ class CustomerApi:
         try:
             key = await self._auth(request)
             query = usage_repo.UsageQuery.from_params(
-                request.query_params, allowed_groups=("model", "day", "key")
+                request.query_params, allowed_groups=("model", "day", "key", "batch")
             )
             query.customer_id = key.customer_id
             async with self.services.db.transaction() as session:
