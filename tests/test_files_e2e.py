@@ -235,7 +235,9 @@ def test_an_upload_above_the_messages_limit_streams_through(setup: Setup) -> Non
     data = bytes(range(256)) * (160 * 1024)  # 40 MiB: above MAX_BODY_BYTES, below 500 MiB
     meta = setup.client().beta.files.upload(file=("big.bin", data, "application/octet-stream"))
     assert meta.size_bytes == len(data)
-    with httpx.Client(base_url=setup.relay.url, headers={"x-api-key": setup.key}) as http:
-        with http.stream("GET", f"/v1/files/{meta.id}/content") as r:
-            assert r.status_code == 200
-            assert sum(len(c) for c in r.iter_bytes()) == len(data)
+    with (
+        httpx.Client(base_url=setup.relay.url, headers={"x-api-key": setup.key}) as http,
+        http.stream("GET", f"/v1/files/{meta.id}/content") as r,
+    ):
+        assert r.status_code == 200
+        assert sum(len(c) for c in r.iter_bytes()) == len(data)
