@@ -13,12 +13,16 @@
   Results stream through. A batch is settled before it is deleted (its results are gone after).
 - list: the customer's own batches, newest first; batches not yet ended are refreshed from
   their accounts, ended ones are shown as last seen.
+- settlement is the workers' (:mod:`app.batch_settlement`, every ``BATCH_POLL_SECONDS``);
+  a customer who retrieves a batch that has ended and is not settled yet starts its settlement
+  at once, in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import Any, Final
 
@@ -61,6 +65,8 @@ from billing.pricing import Price
 from billing.request_log import Entry
 from pool.errors import PoolError
 from pool.upstream import TRANSPORT_ERRORS
+
+log = logging.getLogger("poolrelay.batches")
 
 BATCH_MAX_BODY_BYTES: Final = 256 * 1024 * 1024
 MAX_REQUESTS: Final = 100_000
@@ -107,6 +113,23 @@ class BatchApi:
     def __init__(self, services: Services, relay: Relay) -> None:
         self.services = services
         self.relay = relay
+        self._settling: dict[str, asyncio.Task[None]] = {}
+
+    def settle_soon(self, batch: MessageBatch) -> None:
+        """A customer saw its batch ended before the poll settled it: settle it now, in the
+        background (idempotent, like the poll; at most one at a time per batch here)."""
+        if batch.settled_at is not None or batch.id in self._settling:
+            return
+
+        async def settle() -> None:
+            try:
+                await settle_batch(self.services, batch)
+            except Exception:
+                log.warning("settling batch %s failed; the poll retries", batch.id, exc_info=True)
+            finally:
+                self._settling.pop(batch.id, None)
+
+        self._settling[batch.id] = asyncio.create_task(settle())
 
     async def _own(self, key: KeyContext, batch_id: str) -> MessageBatch:
         async with self.services.db.transaction() as session:
@@ -314,6 +337,8 @@ class BatchApi:
         if upstream.status_code == 200 and isinstance(data, dict):
             with contextlib.suppress(Exception):  # a snapshot is a convenience
                 await note_state(self.services, batch.id, data)
+            if data.get("processing_status") == "ended":
+                self.settle_soon(batch)
             return answer(upstream, content, request_id, rewrite(data, relay_base(request)))
         return answer(upstream, content, request_id)
 
