@@ -297,3 +297,49 @@ def test_a_batch_seen_ended_is_settled_without_waiting_for_the_poll(setup: Setup
     wait_ended(client, batch.id)
     wait_for(lambda: len(setup.usage_entries()) == 2, "the two lines to be charged")
     wait_for(lambda: setup.held_micros() == 0, "the rest of the hold to be released")
+
+
+def test_a_settlement_that_dies_half_way_is_finished_once(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import batch_settlement
+
+    client = setup.client()
+    client.messages.batches.create(requests=requests(*(f"row {i}" for i in range(12))))  # type: ignore[arg-type]
+    time.sleep(0.8)  # ended upstream, unseen by the relay
+    real = batch_settlement.charge_lines
+    calls = 0
+
+    async def dying(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("the worker died")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_settlement, "CHUNK_LINES", 5)
+    monkeypatch.setattr(batch_settlement, "charge_lines", dying)
+    assert setup.settle() == {"failed": 1}
+    assert len(setup.usage_entries()) == 10  # two chunks of five made it
+    held = setup.held_micros()
+    assert held > 0
+    monkeypatch.setattr(batch_settlement, "charge_lines", real)
+    assert setup.settle() == {"settled": 1}
+    entries = setup.usage_entries()
+    assert len(entries) == 12 and len({e["request_id"] for e in entries}) == 12
+    assert setup.held_micros() == 0
+    assert setup.relay.reconcile()["discrepancies"] == []
+
+
+def test_batch_poll_cron_follows_the_setting() -> None:
+    from workers.main import batch_poll_cron, worker_settings
+
+    every_minute = batch_poll_cron(60)
+    assert every_minute.second == 0 and every_minute.minute == set(range(60))
+    assert batch_poll_cron(15).second == {0, 15, 30, 45}
+    assert batch_poll_cron(300).minute == {0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55}
+    from app.settings import Settings
+
+    jobs = worker_settings(Settings(_env_file=None, batch_poll_seconds=10))["cron_jobs"]  # type: ignore[call-arg]
+    [poll] = [j for j in jobs if j.name == "cron:settle_batches"]
+    assert poll.second == {0, 10, 20, 30, 40, 50}
