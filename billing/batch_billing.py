@@ -14,7 +14,8 @@
   the same transaction, ``ON CONFLICT DO NOTHING``: only the transaction that inserted it
   charges, so two workers racing over one batch (or a worker re-reading results after a crash)
   charge each line once. What a charge costs is released from the hold as it is charged; when
-  every line is read, :func:`finish` releases the rest of the hold, once.
+  every line is read, :func:`finish` releases the rest of the hold, once, and moves the key's
+  budget reservation (if it has budgets) into its spend by what the batch cost.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from billing import ledger
+from billing import budgets, ledger
+from billing.budgets import Reservation
 from billing.estimate import worst_case_usage
 from billing.models import Customer, Hold, RequestRecord, utcnow
 from billing.owned import BatchLineCharge, MessageBatch
@@ -201,11 +203,27 @@ async def finish(session: AsyncSession, owner: BatchOwner, status: str = "settle
         await session.execute(
             sa.delete(_holds)
             .where(_holds.c.request_id == owner.request_id)
-            .returning(_holds.c.customer_id, _holds.c.amount_micros)
+            .returning(
+                _holds.c.customer_id,
+                _holds.c.amount_micros,
+                _holds.c.budget_micros,
+                _holds.c.budget_day,
+                _holds.c.budget_month,
+            )
         )
     ).first()
     now = utcnow()
     if removed is not None:
+        if removed.budget_day is not None or removed.budget_month is not None:
+            charged = (
+                await session.execute(
+                    sa.select(_batches.c.charged_micros).where(_batches.c.id == owner.batch_id)
+                )
+            ).scalar_one_or_none()
+            reservation = Reservation(
+                int(removed.budget_micros), removed.budget_day, removed.budget_month
+            )
+            await budgets.settle(session, owner.key_id, reservation, int(charged or 0))
         await session.execute(
             sa.update(_customers)
             .where(_customers.c.id == removed.customer_id)

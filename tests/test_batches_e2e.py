@@ -343,3 +343,42 @@ def test_batch_poll_cron_follows_the_setting() -> None:
     jobs = worker_settings(Settings(_env_file=None, batch_poll_seconds=10))["cron_jobs"]  # type: ignore[call-arg]
     [poll] = [j for j in jobs if j.name == "cron:settle_batches"]
     assert poll.second == {0, 10, 20, 30, 40, 50}
+
+
+def test_key_budgets_hold_and_count_a_batch(setup: Setup) -> None:
+    import sqlalchemy as sa
+
+    from billing.models import KeySpend
+
+    with setup.relay.admin() as admin:
+        keys = {
+            name: admin.post(
+                f"/admin/customers/{setup.customer_id}/keys",
+                json={"name": name, "daily_budget_usd": budget},
+            )
+            .raise_for_status()
+            .json()
+            for name, budget in (("small", "0.0001"), ("big", "5"))
+        }
+    with pytest.raises(anthropic.PermissionDeniedError):
+        setup.client(keys["small"]["key"]).messages.batches.create(requests=requests("no"))  # type: ignore[arg-type]
+    assert setup.held_micros() == 0
+    client = setup.client(keys["big"]["key"])
+    batch = client.messages.batches.create(requests=requests("yes", "also"))  # type: ignore[arg-type]
+    wait_ended(client, batch.id)
+    wait_for(lambda: setup.held_micros() == 0, "the batch to settle")
+    charged = -sum(int(Decimal(e["amount_usd"]) * 1_000_000) for e in setup.usage_entries())
+    assert charged > 0
+    services = setup.relay.services
+
+    async def spend() -> list[tuple[int, int]]:
+        table = KeySpend.__table__  # type: ignore[attr-defined]
+        async with services.db.transaction() as session:
+            rows = await session.execute(
+                sa.select(table.c.spent_micros, table.c.held_micros).where(
+                    table.c.key_id == keys["big"]["id"]
+                )
+            )
+            return [(int(r[0]), int(r[1])) for r in rows]
+
+    assert setup.relay.call(spend) == [(charged, 0), (charged, 0)]  # the day and the month

@@ -16,6 +16,7 @@ import time
 from typing import Any, Final
 
 import orjson
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -26,13 +27,14 @@ from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.owned_api import answer, json_of, relay_base
 from app.relay.service import Relay, check_model_allowed, read_body, validate_messages_body
 from app.state import Services
-from billing import holds
+from billing import budgets, holds
 from billing.batch_billing import (
     BATCH_ENDPOINT,
     BATCH_HOLD_INSTANCE,
     batch_hold_micros,
     record_batch,
 )
+from billing.budgets import Budget, Reservation
 from billing.customers import KeyContext
 from billing.errors import BillingError
 from billing.holds import HoldRequest, Outcome
@@ -127,6 +129,7 @@ class BatchCreator:
                 requested_model=model,
             )
             async with services.db.transaction() as session:
+                hold.budget = await self._reserve_budget(session, key, amount)
                 await holds.place(session, hold)
         except orjson.JSONDecodeError as exc:
             err = errors.invalid_request(f"The request body is not valid JSON: {exc}")
@@ -136,6 +139,20 @@ class BatchCreator:
         return await self._send(
             request, request_id, key, amount, len(items), content, only, started
         )
+
+    @staticmethod
+    async def _reserve_budget(
+        session: AsyncSession, key: KeyContext, amount: int
+    ) -> Reservation | None:
+        """The batch's hold reserved against the key's budgets, in the hold's transaction (a
+        budget that cannot take it: 403 with ``budget_action: block``; otherwise the batch is
+        only counted — a batch is not downgraded). Settled with the rest of the hold."""
+        policy = key.policy
+        budget = Budget(policy.daily_budget_micros, policy.monthly_budget_micros)
+        if not budget.active:
+            return None
+        enforce = policy.budget_action == "block"
+        return await budgets.reserve(session, key.key_id, budget, amount, enforce=enforce)
 
     async def _accounts_for(
         self, key: KeyContext, items: list[dict[str, Any]], models: set[str]
