@@ -116,6 +116,7 @@ class BatchCreator:
                 check_model_allowed(key, model)
                 priced.append((params, await self.relay.price_for(model)))
                 models.add(model)
+            await self._count_request(key, request_id)
             amount = batch_hold_micros(priced, key.price_multiplier)
             only = await self._accounts_for(key, items, models)
             content = orjson.dumps(body) if edited else raw
@@ -139,6 +140,23 @@ class BatchCreator:
         return await self._send(
             request, request_id, key, amount, len(items), content, only, started
         )
+
+    async def _count_request(self, key: KeyContext, request_id: str) -> None:
+        """A batch is one request against the key's ``rpm`` (its tokens are not counted
+        against ``tpm``: they are processed later, at the upstream's pace)."""
+        rpm = key.policy.rpm
+        if rpm is None:
+            return
+        decision = await self.relay.limiter.admit(
+            key.key_id, request_id, rpm=rpm, tpm=None, estimated_tokens=0, now=time.time()
+        )
+        if not decision.allowed:
+            raise errors.rate_limited(
+                f"This API key is over its requests-per-minute limit; retry after "
+                f"{decision.retry_after} s.",
+                decision.retry_after,
+                decision.headers(),
+            )
 
     @staticmethod
     async def _reserve_budget(
