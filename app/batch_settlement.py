@@ -28,7 +28,7 @@ from app.owned import owning_account, send_to_owner
 from app.state import Services
 from billing.batch_billing import BatchOwner, LineCharge, at_batch_rate, charge_lines, finish
 from billing.errors import InvalidField
-from billing.models import Customer, utcnow
+from billing.models import Customer
 from billing.owned import MessageBatch
 from billing.pricing import PriceBook, Usage, cost_micros
 from billing.usage import parse_time
@@ -190,28 +190,31 @@ async def settle_batch(services: Services, batch: MessageBatch) -> str:
 
 
 async def settle_due(services: Services) -> dict[str, int]:
-    """Look at every batch not yet settled; settle those that have ended."""
-    async with services.db.transaction() as session:
-        due = list(
-            (
-                await session.execute(
-                    sa.select(MessageBatch)
-                    .where(MessageBatch.settled_at.is_(None))  # type: ignore[union-attr]
-                    .order_by(MessageBatch.created_at)  # type: ignore[arg-type]
-                    .limit(DUE_PER_RUN)
-                )
-            ).scalars()
-        )
+    """Look at every batch not yet settled (oldest first, :data:`DUE_PER_RUN` rows per
+    query); settle those that have ended. Returns how many ended how (``settle_batch``)."""
     counts: dict[str, int] = {}
-    for batch in due:
-        try:
-            outcome = await settle_batch(services, batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("settling batch %s failed; it is tried again on the next run", batch.id)
-            outcome = "failed"
-        counts[outcome] = counts.get(outcome, 0) + 1
-    if counts:
-        log.debug("batch poll at %s: %s", utcnow().isoformat(), counts)
-    return counts
+    after: tuple[datetime, str] | None = None
+    while True:
+        query = sa.select(MessageBatch).where(MessageBatch.settled_at.is_(None))  # type: ignore[union-attr]
+        if after is not None:
+            query = query.where(
+                sa.tuple_(_batches.c.created_at, _batches.c.id)
+                > sa.tuple_(sa.literal(after[0]), sa.literal(after[1]))
+            )
+        query = query.order_by(_batches.c.created_at, _batches.c.id).limit(DUE_PER_RUN)
+        async with services.db.transaction() as session:
+            due = list((await session.execute(query)).scalars())
+        for batch in due:
+            try:
+                outcome = await settle_batch(services, batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "settling batch %s failed; it is tried again on the next run", batch.id
+                )
+                outcome = "failed"
+            counts[outcome] = counts.get(outcome, 0) + 1
+        if len(due) < DUE_PER_RUN:
+            return counts
+        after = (due[-1].created_at, due[-1].id)

@@ -110,7 +110,7 @@ async def charge_lines(
             "cost_micros": line.cost_micros,
             "created_at": now,
         }
-        for line in lines
+        for line in sorted(lines, key=lambda line: line.custom_id)  # one lock order for all
     ]
     inserted = await session.execute(
         _insert_ignoring_conflicts(session).values(rows).returning(_lines.c.custom_id)
