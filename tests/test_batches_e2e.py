@@ -290,6 +290,18 @@ def test_quarantined_or_disabled_account_still_serves_its_batches(setup: Setup) 
     wait_for(lambda: setup.held_micros() == 0, "the batch to settle")
     assert len(setup.usage_entries()) == 1
 
+    # removed: still readable while its credential is stored
+    from pool import accounts as account_repo
+
+    async def remove() -> None:
+        async with services.db.transaction() as session:
+            await account_repo.remove_account(session, owner)
+        services.directory.invalidate()
+
+    setup.relay.call(remove)
+    assert client.messages.batches.retrieve(batch.id).processing_status == "ended"
+    assert [b.id for b in client.messages.batches.list()] == [batch.id]
+
 
 def test_a_batch_seen_ended_is_settled_without_waiting_for_the_poll(setup: Setup) -> None:
     client = setup.client()
