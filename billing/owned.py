@@ -49,7 +49,7 @@ class MessageBatch(SQLModel, table=True):
     key_id: str = Field(max_length=40)
     account_id: str = Field(max_length=40)
     account_group: str | None = Field(default=None, max_length=200)
-    request_id: str = Field(max_length=40)
+    request_id: str = Field(max_length=40, index=True)
     """The relay request that created the batch: the id of its hold and request-log row."""
     hold_micros: int = Field(default=0, sa_type=sa.BigInteger)
     """What was held at creation (the batch's worst case at the batch rate)."""

@@ -20,12 +20,16 @@ from billing import holds
 from billing.batch_billing import BATCH_HOLD_INSTANCE
 from billing.holds import Outcome
 from billing.models import Customer, Hold, LedgerEntry, RequestRecord, utcnow
+from billing.owned import MessageBatch
 from billing.pricing import Price, Usage, cost_micros
 
 _customers = Customer.__table__  # type: ignore[attr-defined]
 _ledger = LedgerEntry.__table__  # type: ignore[attr-defined]
 _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
+_batches = MessageBatch.__table__  # type: ignore[attr-defined]
+BATCH_ORPHAN_AGE = timedelta(hours=1)
+"""A batch hold this old without its batch recorded was left behind (see stale_holds)."""
 
 
 def progress_key(request_id: str) -> str:
@@ -81,11 +85,20 @@ async def stale_holds(
 ) -> list[Hold]:
     """Holds whose process no longer heart-beats, or that are older than any request can be.
     A batch's hold (``instance_id`` :data:`~billing.batch_billing.BATCH_HOLD_INSTANCE`) is
-    never one: it lives until the batch settles (``workers.batches``), a day or more."""
+    not one while its batch is recorded: it lives until the batch settles (a day or more,
+    ``app.batch_settlement``). Only a batch hold that has had no batch for
+    :data:`BATCH_ORPHAN_AGE` (the relay stopped, or lost its database, between placing the
+    hold and recording the batch the upstream accepted) is left behind."""
     now = now or utcnow()
+    recorded = sa.exists().where(_batches.c.request_id == _holds.c.request_id)
+    orphaned = sa.and_(
+        _holds.c.instance_id == BATCH_HOLD_INSTANCE,
+        _holds.c.created_at < now - BATCH_ORPHAN_AGE,
+        ~recorded,
+    )
     query = (
         sa.select(Hold)
-        .where(Hold.instance_id != BATCH_HOLD_INSTANCE)  # type: ignore[arg-type]
+        .where(sa.or_(_holds.c.instance_id != BATCH_HOLD_INSTANCE, orphaned))
         .order_by(Hold.created_at)  # type: ignore[arg-type]
     )
     rows = list((await session.execute(query)).scalars())

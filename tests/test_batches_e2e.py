@@ -394,3 +394,48 @@ def test_key_budgets_hold_and_count_a_batch(setup: Setup) -> None:
             return [(int(r[0]), int(r[1])) for r in rows]
 
     assert setup.relay.call(spend) == [(charged, 0), (charged, 0)]  # the day and the month
+
+
+def test_reconciliation_releases_only_a_batch_hold_without_its_batch(setup: Setup) -> None:
+    from datetime import timedelta
+
+    from billing import holds
+    from billing.batch_billing import BATCH_HOLD_INSTANCE
+    from billing.models import utcnow
+    from billing.owned import MessageBatch
+
+    services = setup.relay.services
+    old = utcnow() - timedelta(hours=30)
+
+    async def place() -> None:
+        async with services.db.transaction() as session:
+            for request_id in ("req_orphan", "req_recorded"):
+                await holds.place(
+                    session,
+                    holds.HoldRequest(
+                        request_id=request_id,
+                        customer_id=setup.customer_id,
+                        key_id="key_x",
+                        amount_micros=1000,
+                        instance_id=BATCH_HOLD_INSTANCE,
+                        endpoint="batch",
+                        started_at=old,
+                    ),
+                )
+            session.add(
+                MessageBatch(
+                    id="msgbatch_recorded",
+                    customer_id=setup.customer_id,
+                    key_id="key_x",
+                    account_id="acc_x",
+                    request_id="req_recorded",
+                    hold_micros=1000,
+                    created_at=old,
+                )
+            )
+
+    setup.relay.call(place)
+    assert setup.held_micros() == 2000
+    report = setup.relay.reconcile()
+    assert report["holds_released"] == 1
+    assert setup.held_micros() == 1000  # the recorded batch keeps its hold, however old

@@ -12,6 +12,9 @@ that was not accepted has its hold released.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from typing import Any, Final
 
@@ -22,7 +25,7 @@ from starlette.responses import Response
 
 from app import errors
 from app.errors import ApiError, to_api_error
-from app.owned import file_pin
+from app.owned import file_pin, send_to_owner
 from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.owned_api import answer, json_of, relay_base
 from app.relay.service import Relay, check_model_allowed, read_body, validate_messages_body
@@ -42,7 +45,10 @@ from billing.ids import new_id
 from billing.owned import MessageBatch
 from billing.pricing import Price
 from billing.request_log import Entry
+from pool.accounts import LiveAccount
 from pool.errors import PoolError
+
+log = logging.getLogger("poolrelay.batches")
 
 BATCH_MAX_BODY_BYTES: Final = 256 * 1024 * 1024
 MAX_REQUESTS: Final = 100_000
@@ -135,7 +141,7 @@ class BatchCreator:
         except orjson.JSONDecodeError as exc:
             err = errors.invalid_request(f"The request body is not valid JSON: {exc}")
             return await self._refused(err, request_id, key, model, started)
-        except (ApiError, BillingError, PoolError) as exc:
+        except Exception as exc:  # refusals, and failures (the database unreachable)
             return await self._refused(exc, request_id, key, model, started)
         return await self._send(
             request, request_id, key, amount, len(items), content, only, started
@@ -194,7 +200,10 @@ class BatchCreator:
         started: float,
     ) -> Response:
         err = to_api_error(exc)
-        if key is not None:
+        if err.status == 500:
+            log.error("batch %s refused by an unexpected error", request_id, exc_info=exc)
+        # a failure that may have left the hold written keeps that hold's own row
+        if key is not None and isinstance(exc, ApiError | BillingError | PoolError):
             await self.relay.record_unbilled(
                 Entry(
                     request_id=request_id,
@@ -212,6 +221,32 @@ class BatchCreator:
                 )
             )
         return errors.anthropic_response(err, request_id)
+
+    async def _unrecorded(
+        self, batch: MessageBatch, account: LiveAccount, request_id: str
+    ) -> Response:
+        """The upstream took the batch but the relay could not record who owns it (the
+        database is unreachable): the batch is canceled upstream (it could be neither
+        read nor charged) and the customer told to retry. Its hold is released, now or — if
+        the database is still away — by reconciliation (a batch hold without its batch)."""
+        log.error("batch %s could not be recorded; canceling it upstream", batch.id)
+        with contextlib.suppress(Exception):
+            upstream = await send_to_owner(
+                self.services, account, "POST", f"/v1/messages/batches/{batch.id}/cancel"
+            )
+            await upstream.aread()
+            await upstream.aclose()
+        with contextlib.suppress(Exception):
+            await self._release(
+                request_id,
+                Outcome(status="failed", error="the batch could not be recorded; canceled"),
+            )
+        return errors.anthropic_response(
+            errors.overloaded(
+                "The batch could not be recorded by the relay and was canceled; retry shortly."
+            ),
+            request_id,
+        )
 
     async def _release(self, request_id: str, outcome: Outcome) -> None:
         async with self.services.db.transaction() as session:
@@ -288,14 +323,22 @@ class BatchCreator:
             processing_status=str(data.get("processing_status") or "in_progress")[:20],
             snapshot=reply.decode("utf-8", "replace"),
         )
-        async with services.db.transaction() as session:
-            await record_batch(
-                session,
-                batch,
-                upstream_request_id=opened.response.headers.get("request-id"),
-                attempts=opened.attempts,
-                accounts_tried=opened.trace.accounts,
-                ttfb_ms=opened.ttfb_ms,
-                duration_ms=int((time.monotonic() - started) * 1000),
-            )
+        for attempt in range(3):
+            try:
+                async with services.db.transaction() as session:
+                    await record_batch(
+                        session,
+                        MessageBatch(**batch.model_dump()),
+                        upstream_request_id=opened.response.headers.get("request-id"),
+                        attempts=opened.attempts,
+                        accounts_tried=opened.trace.accounts,
+                        ttfb_ms=opened.ttfb_ms,
+                        duration_ms=int((time.monotonic() - started) * 1000),
+                    )
+                break
+            except Exception:
+                if attempt < 2:
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                return await self._unrecorded(batch, opened.account, request_id)
         return answer(opened.response, reply, request_id, rewrite(data, relay_base(request)))

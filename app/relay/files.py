@@ -83,7 +83,12 @@ class FileApi:
             )
         except (ApiError, BillingError, PoolError) as exc:
             return errors.anthropic_response(to_api_error(exc), request_id)
-        account = live[lease.account_id]
+        account = live.get(lease.account_id) or (await services.directory.accounts()).get(
+            lease.account_id
+        )
+        if account is None:  # removed between the snapshot and the pick
+            await services.scheduler.release(lease)
+            return errors.anthropic_response(errors.overloaded(), request_id)
         headers: list[tuple[str, str]] = list(request.headers.items())
         try:
             upstream = await send_to_owner(

@@ -219,11 +219,12 @@ class FileRoutes:
 
     async def upload(self, request: Request) -> Response:
         gate = self.gate
-        declared = request.headers.get("content-length")
-        ex = await gate.open(request, "/v1/files", None, int(declared or 0))
+        raw_length = request.headers.get("content-length", "")
+        declared = int(raw_length) if raw_length.isdigit() else 0
+        ex = await gate.open(request, "/v1/files", None, declared)
         if isinstance(ex, Response):
             return ex
-        if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BODY_BYTES:
+        if declared > MAX_FILE_BODY_BYTES:
             return gate.fail(ex, TOO_LARGE)
         boundary = _boundary(request.headers.get("content-type", ""))
         if boundary is None:

@@ -46,6 +46,7 @@ def upgrade() -> None:
         "message_batches",
         ["customer_id", "created_at", "id"],
     )
+    op.create_index("ix_message_batches_request_id", "message_batches", ["request_id"])
     op.create_index(
         "ix_message_batches_unsettled",
         "message_batches",
@@ -90,5 +91,6 @@ def downgrade() -> None:
     op.drop_index("ix_batch_line_charges_request_id", table_name="batch_line_charges")
     op.drop_table("batch_line_charges")
     op.drop_index("ix_message_batches_unsettled", table_name="message_batches")
+    op.drop_index("ix_message_batches_request_id", table_name="message_batches")
     op.drop_index("ix_message_batches_customer_created", table_name="message_batches")
     op.drop_table("message_batches")
