@@ -33,8 +33,20 @@ T = TypeVar("T", bound=SQLModel)
 
 def relay_base(request: Request) -> str:
     """The relay's own URL as the customer reached it (``results_url`` must name the relay:
-    the SDK follows it with the customer's key)."""
-    return str(request.base_url).rstrip("/")
+    the SDK follows it with the customer's key). Behind a proxy, its ``x-forwarded-proto`` and
+    ``x-forwarded-host`` say how (they only shape this customer's own answer)."""
+    base = str(request.base_url).rstrip("/")
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    host = request.headers.get("x-forwarded-host", "").split(",")[0].strip()
+    if proto not in ("http", "https") and not host:
+        return base
+    scheme, _, rest = base.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if proto in ("http", "https"):
+        scheme = proto
+    if host and "/" not in host and " " not in host:
+        netloc = host
+    return f"{scheme}://{netloc}{slash}{path}".rstrip("/")
 
 
 def page_params(params: Mapping[str, str]) -> tuple[int, str | None, str | None]:
