@@ -257,12 +257,12 @@ def test_list_pages_newest_first(setup: Setup) -> None:
 
 
 def test_cancel_then_delete_settles_what_succeeded(setup: Setup) -> None:
-    setup.fake.control("POST", "batches", json={"processing_seconds": 1.5})
+    setup.fake.control("POST", "batches", json={"processing_seconds": 3.0})
     client = setup.client()
     batch = client.messages.batches.create(requests=requests("a", "b", "c"))  # type: ignore[arg-type]
     with pytest.raises(anthropic.BadRequestError):
         client.messages.batches.delete(batch.id)  # still processing: refused upstream
-    time.sleep(0.6)  # the first of three lines is done at 0.5 s
+    time.sleep(1.3)  # the first of three lines is done at 1 s, the second at 2 s
     canceled = client.messages.batches.cancel(batch.id)
     assert canceled.processing_status == "canceling"
     ended = wait_ended(client, batch.id)

@@ -104,12 +104,12 @@ async def test_errored_expired_and_unknown_model_lines(
 async def test_cancel_keeps_what_finished_and_delete_only_after_end(
     fake_app: Starlette, client: httpx.AsyncClient
 ) -> None:
-    get_state(fake_app).batches.processing_seconds = 0.6
+    get_state(fake_app).batches.processing_seconds = 1.5
     r = await client.post("/v1/messages/batches", headers=AUTH, json=batch_body("a", "b", "c"))
     batch_id = r.json()["id"]
     r = await client.delete(f"/v1/messages/batches/{batch_id}", headers=AUTH)
     assert r.status_code == 400
-    await asyncio.sleep(0.25)  # the first of three lines is done at 0.2 s
+    await asyncio.sleep(0.7)  # the first of three lines is done at 0.5 s, the second at 1 s
     r = await client.post(f"/v1/messages/batches/{batch_id}/cancel", headers=AUTH)
     assert r.status_code == 200
     assert r.json()["processing_status"] == "canceling"
