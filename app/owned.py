@@ -27,6 +27,8 @@ from pool.models import UpstreamAccount
 from pool.upstream import UpstreamResponse, upstream_headers
 
 DEFAULT_VERSION = "2023-06-01"
+MAX_ID_CHARS = 200
+"""The longest batch or file id the relay records (and looks up)."""
 
 
 async def owning_account(services: Services, account_id: str) -> LiveAccount | None:
@@ -133,6 +135,9 @@ async def file_pin(
     wanted = {file_id for body in bodies for file_id in file_ids(body)}
     if not wanted:
         return None
+    for file_id in sorted(wanted):
+        if not file_id or len(file_id) > MAX_ID_CHARS or not file_id.isprintable():
+            raise errors.not_found(f"File not found: {file_id[:MAX_ID_CHARS]!r}")
     table = UpstreamFile.__table__  # type: ignore[attr-defined]
     async with services.db.transaction() as session:
         rows = (

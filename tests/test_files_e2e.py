@@ -198,6 +198,13 @@ def test_unknown_file_in_a_message_is_404_without_a_call(setup: Setup) -> None:
             messages=[document_message("file_nope")],  # type: ignore[list-item]
         )
     assert "file_nope" in caught.value.message
+    with httpx.Client(base_url=setup.relay.url, headers={"x-api-key": setup.key}) as http:
+        r = http.post(
+            "/v1/messages",
+            headers={"anthropic-version": "2023-06-01"},
+            json={"model": MODEL, "max_tokens": 5, "messages": [document_message("file_\u0000x")]},
+        )
+        assert r.status_code == 404, r.text
     assert not [r for r in setup.fake.requests() if r["path"] == "/v1/messages"]
 
 
