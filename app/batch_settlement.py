@@ -125,6 +125,11 @@ async def settle_batch(services: Services, batch: MessageBatch) -> str:
     )
     account = await owning_account(services, batch.account_id)
     if account is None:
+        log.warning(
+            "batch %s cannot be settled: the credential of account %s is gone; its hold stays",
+            batch.id,
+            batch.account_id,
+        )
         return "unavailable"
     response = await send_to_owner(services, account, "GET", f"/v1/messages/batches/{batch.id}")
     body = await response.aread()
