@@ -207,6 +207,8 @@ class BatchApi:
             if upstream.status_code != 200 or not isinstance(data, dict):
                 return None
             await note_state(self.services, row.id, data)
+            if data.get("processing_status") == "ended":
+                self.settle_soon(row)
             return data
         except Exception:
             return None
