@@ -6,10 +6,15 @@ customers. Runs on the embedded defaults and on PostgreSQL + Redis."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,6 +23,7 @@ import pytest
 
 from billing.batch_billing import batch_hold_micros
 from billing.pricing import SEED_PRICES
+from tests.conftest import needs_postgres_and_redis
 from tests.harness import FakeUpstream, RelayServer
 from workers import tasks
 
@@ -439,3 +445,36 @@ def test_reconciliation_releases_only_a_batch_hold_without_its_batch(setup: Setu
     report = setup.relay.reconcile()
     assert report["holds_released"] == 1
     assert setup.held_micros() == 1000  # the recorded batch keeps its hold, however old
+
+
+@needs_postgres_and_redis
+def test_the_worker_settles_ended_batches(
+    setup: Setup, settings_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``poolrelay worker`` (arq, real Redis) runs the batch poll every BATCH_POLL_SECONDS."""
+    client = setup.client()
+    client.messages.batches.create(requests=requests("worker one", "worker two"))  # type: ignore[arg-type]
+    time.sleep(0.8)  # ended upstream, unseen by the relay
+    assert setup.usage_entries() == []
+    log = tmp_path / "worker.log"
+    env = {**os.environ, **settings_env, "POOLRELAY_BATCH_POLL_SECONDS": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: setup.held_micros() == 0, "the worker to settle the batch")
+        assert proc.poll() is None, log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    assert len(setup.usage_entries()) == 2
+    assert "Traceback" not in log.read_text(), log.read_text()
