@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from app import embedded_redis, errors, http_limits, portal
+from app import embedded_redis, errors, http_limits, owned, portal
 from app.admin import accounts as admin_accounts
 from app.admin import admin_tokens as admin_admin_tokens
 from app.admin import aliases as admin_aliases
@@ -152,7 +152,8 @@ class PoolrelayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            refusal = await refuse(scope, receive, self.body_limit, self.body_timeout)
+            limit = owned.body_limit(scope["path"], self.body_limit)
+            refusal = await refuse(scope, receive, limit, self.body_timeout)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
@@ -252,6 +253,13 @@ def create_app(
                     )
                 ),
                 asyncio.create_task(_every(1.0, "webhooks", lambda: notify.deliver_webhooks(ctx))),
+                asyncio.create_task(
+                    _every(
+                        settings.batch_poll_seconds,
+                        "batches",
+                        lambda: tasks.settle_batches(ctx),
+                    )
+                ),
             ]
         # memory://: serve this process's Redis to the command line (app/embedded_redis.py)
         shared_redis = await embedded_redis.share(settings, services.redis)

@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     queue_seconds: float = Field(default=30.0, ge=0, le=3600)
     """How long a request may wait, first come first served, for a free concurrency slot (an
     account's or its key's ``max_concurrency``) before it is refused with 429; 0: never wait."""
+    batch_poll_seconds: float = Field(default=60.0, gt=0)
+    """How often the workers look at batches in progress (and settle the ended ones)."""
 
     # Beyond the contract's table: operational knobs with sensible defaults.
     db_pool_size: int = Field(default=10, ge=1, le=200)

@@ -45,6 +45,7 @@ __all__ = [
     "Usage",
     "cost_micros",
     "match_price",
+    "total_cost_micros",
 ]
 
 #: Web search: $10 per 1,000 requests = 10_000 micro-USD per request (spec §6).
@@ -264,14 +265,12 @@ def _multiplier_ratio(multiplier: Decimal | int | Fraction) -> tuple[int, int]:
     return numerator, denominator
 
 
-def cost_micros(
-    usage: Usage, price: Price, multiplier: Decimal | int | Fraction = Decimal(1)
-) -> int:
-    """The exact cost of ``usage`` at ``price`` × ``multiplier``, rounded up once to a micro-USD.
+_SCALE: Final = _TOKENS_PER_RATE * _PCT**4
+"""The common denominator of :func:`_scaled_cost`: micro-USD × this."""
 
-    See the module docstring for the formula. Every step is integer arithmetic over a common
-    denominator (``1e6 × 100^4``), so no intermediate rounding happens anywhere.
-    """
+
+def _scaled_cost(usage: Usage, price: Price) -> int:
+    """The cost of ``usage`` at ``price`` (no multiplier) in micro-USD × :data:`_SCALE`, exact."""
     long_context = (
         price.long_context_threshold is not None
         and usage.total_input() > price.long_context_threshold
@@ -287,10 +286,29 @@ def cost_micros(
     tokens *= _PCT - price.batch_discount_pct if usage.service_tier == "batch" else _PCT
     tokens *= price.inference_geo_us_pct if usage.inference_geo == "us" else _PCT
     tokens *= price.fast_mode_pct if usage.speed == "fast" else _PCT
-    scale = _TOKENS_PER_RATE * _PCT**4  # tokens is micro-USD × scale
-    total = tokens + usage.web_search_requests * WEB_SEARCH_MICROS_PER_REQUEST * scale
+    return tokens + usage.web_search_requests * WEB_SEARCH_MICROS_PER_REQUEST * _SCALE
+
+
+def cost_micros(
+    usage: Usage, price: Price, multiplier: Decimal | int | Fraction = Decimal(1)
+) -> int:
+    """The exact cost of ``usage`` at ``price`` × ``multiplier``, rounded up once to a micro-USD.
+
+    See the module docstring for the formula. Every step is integer arithmetic over a common
+    denominator (``1e6 × 100^4``), so no intermediate rounding happens anywhere.
+    """
     numerator, denominator = _multiplier_ratio(multiplier)
-    return ceil_div(total * numerator, scale * denominator)
+    return ceil_div(_scaled_cost(usage, price) * numerator, _SCALE * denominator)
+
+
+def total_cost_micros(
+    items: Iterable[tuple[Usage, Price]], multiplier: Decimal | int | Fraction = Decimal(1)
+) -> int:
+    """The exact sum of the costs of several usages, each at its own price, × ``multiplier``,
+    rounded up once (a batch's hold: one rounding for the whole batch, not one per request)."""
+    numerator, denominator = _multiplier_ratio(multiplier)
+    total = sum(_scaled_cost(usage, price) for usage, price in items)
+    return ceil_div(total * numerator, _SCALE * denominator)
 
 
 def match_price(model: str, prices: Mapping[str, Price]) -> Price | None:

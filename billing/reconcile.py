@@ -17,14 +17,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from billing import holds
+from billing.batch_billing import BATCH_HOLD_INSTANCE
 from billing.holds import Outcome
 from billing.models import Customer, Hold, LedgerEntry, RequestRecord, utcnow
+from billing.owned import MessageBatch
 from billing.pricing import Price, Usage, cost_micros
 
 _customers = Customer.__table__  # type: ignore[attr-defined]
 _ledger = LedgerEntry.__table__  # type: ignore[attr-defined]
 _holds = Hold.__table__  # type: ignore[attr-defined]
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
+_batches = MessageBatch.__table__  # type: ignore[attr-defined]
+BATCH_ORPHAN_AGE = timedelta(hours=1)
+"""A batch hold this old without its batch recorded was left behind (see stale_holds)."""
 
 
 @dataclass
@@ -73,9 +78,25 @@ async def stale_holds(
     max_age: timedelta,
     now: datetime | None = None,
 ) -> list[Hold]:
-    """Holds whose process no longer heart-beats, or that are older than any request can be."""
+    """Holds whose process no longer heart-beats, or that are older than any request can be.
+    A batch's hold (``instance_id`` :data:`~billing.batch_billing.BATCH_HOLD_INSTANCE`) is
+    not one while its batch is recorded: it lives until the batch settles (a day or more,
+    ``app.batch_settlement``). Only a batch hold that has had no batch for
+    :data:`BATCH_ORPHAN_AGE` (the relay stopped, or lost its database, between placing the
+    hold and recording the batch the upstream accepted) is left behind."""
     now = now or utcnow()
-    rows = list((await session.execute(sa.select(Hold).order_by(Hold.created_at))).scalars())  # type: ignore[arg-type]
+    recorded = sa.exists().where(_batches.c.request_id == _holds.c.request_id)
+    orphaned = sa.and_(
+        _holds.c.instance_id == BATCH_HOLD_INSTANCE,
+        _holds.c.created_at < now - BATCH_ORPHAN_AGE,
+        ~recorded,
+    )
+    query = (
+        sa.select(Hold)
+        .where(sa.or_(_holds.c.instance_id != BATCH_HOLD_INSTANCE, orphaned))
+        .order_by(Hold.created_at)  # type: ignore[arg-type]
+    )
+    rows = list((await session.execute(query)).scalars())
     stale: list[Hold] = []
     alive: dict[str, bool] = {}
     for hold in rows:

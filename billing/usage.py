@@ -19,12 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from billing.errors import InvalidField
 from billing.models import RequestRecord, UsageDaily, iso
 from billing.money import format_usd
+from billing.owned import BatchLineCharge
 
 USAGE_STATUSES = ("ok", "client_disconnect", "upstream_error", "crashed")
-GROUPS = ("model", "key", "account", "day", "customer", "session")
+GROUPS = ("model", "key", "account", "day", "customer", "session", "batch")
 
 _log = RequestRecord.__table__  # type: ignore[attr-defined]
 _daily = UsageDaily.__table__  # type: ignore[attr-defined]
+_lines = BatchLineCharge.__table__  # type: ignore[attr-defined]
 
 
 def parse_time(value: str | None, field_name: str, *, end: bool = False) -> datetime | None:
@@ -88,7 +90,10 @@ GROUP_FIELDS = {
     "day": "day",
     "customer": "customer_id",
     "session": "session_id",
+    "batch": "batch_id",
 }
+"""``batch``: the batch a line's usage record belongs to (null for other requests), through
+``batch_line_charges``; daily roll-ups keep no batch."""
 
 
 def _filters(query: UsageQuery) -> list[sa.ColumnElement[bool]]:
@@ -125,6 +130,8 @@ def _log_source(query: UsageQuery, dialect: str) -> tuple[dict[str, Any], list[A
         "session_id": _log.c.session_id,
         "day": _day_of_log(dialect),
     }
+    if "batch" in query.group_by:
+        columns["batch_id"] = _lines.c.batch_id
     measures = [
         sa.func.count().label("requests"),
         *(sa.func.sum(getattr(_log.c, m)).label(m) for m in MEASURES[1:]),
@@ -205,15 +212,17 @@ async def totals(session: AsyncSession, query: UsageQuery) -> dict[str, Any]:
         if query.session_id and columns["session_id"] is None:
             continue  # a source without sessions has nothing of one session
         conds = conds + [columns[name] == value for name, value in filters.items() if value]
-        keys = [columns[f].label(f) for f in fields if columns[f] is not None]
+        keys = [columns[f].label(f) for f in fields if columns.get(f) is not None]
         stmt = sa.select(*keys, *measures).where(*conds)
+        if "batch_id" in columns:
+            stmt = stmt.select_from(_log.outerjoin(_lines, _lines.c.request_id == _log.c.id))
         if keys:
             stmt = stmt.group_by(*keys)
         for row in await session.execute(stmt):
             values = {m: int(getattr(row, m) or 0) for m in MEASURES}
             if not values["requests"]:
                 continue
-            group = tuple(getattr(row, f, None) or None for f in fields)
+            group = tuple(row._mapping.get(f) or None for f in fields)
             bucket = grouped.setdefault(group, dict.fromkeys(MEASURES, 0))
             for m in MEASURES:
                 bucket[m] += values[m]

@@ -10,6 +10,7 @@ from sqlmodel import SQLModel
 import app.meta
 import app.oversight.models
 import billing.models
+import billing.owned
 import pool.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 config = context.config

@@ -866,11 +866,16 @@ class Scheduler:
         exclude: Collection[str] = (),
         now: float | None = None,
         wait: float = 0.0,
+        only: Collection[str] | None = None,
     ) -> AcquireCall:
         """Everything one :meth:`acquire` sends, ready to run alone or in :meth:`acquire_many`.
         Raises :class:`NoAccount` when there are no candidates. With ``wait`` > 0 (seconds; a
         scheduler with an ``owner`` only), a request that only a concurrency cap keeps out is
-        queued instead of refused: the call raises :class:`Queued`."""
+        queued instead of refused: the call raises :class:`Queued`. ``only``: a hard
+        constraint, stronger than affinity — no account outside it is chosen (a request that
+        names a file goes only to the accounts of the file's group); none left: NoAccount."""
+        if only is not None:
+            candidates = [c for c in candidates if c.account_id in only]
         if not candidates:
             raise NoAccount()
         cset = self._candidate_set(candidates)
@@ -904,6 +909,7 @@ class Scheduler:
         exclude: Collection[str] = (),
         now: float | None = None,
         wait: float = 0.0,
+        only: Collection[str] | None = None,
     ) -> Lease:
         """Lease the best account among ``candidates`` for one request.
 
@@ -920,6 +926,7 @@ class Scheduler:
             exclude=exclude,
             now=now,
             wait=wait,
+            only=only,
         )
         return await self.run_acquire(call)
 

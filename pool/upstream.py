@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING
@@ -157,7 +157,7 @@ class UpstreamClient:
         url: str,
         *,
         headers: Mapping[str, str],
-        content: bytes | None,
+        content: bytes | AsyncIterable[bytes] | None,
         connect_timeout: float,
         header_timeout: float | None = None,
     ) -> UpstreamResponse:
@@ -165,7 +165,8 @@ class UpstreamClient:
         ``header_timeout`` seconds in all when given (:class:`HeaderTimeout`), else only the
         socket read timeout bounds the wait. A wait cut short (the timeout, or the caller
         cancelled) closes the request's connection, which stops the upstream request; the
-        body's reads are bounded by the read timeout alone."""
+        body's reads are bounded by the read timeout alone. ``content`` may be an async
+        iterable (an upload streamed through; give its ``content-length`` in ``headers``)."""
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout,

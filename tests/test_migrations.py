@@ -23,6 +23,7 @@ from sqlmodel import SQLModel
 import app.meta
 import app.oversight.models
 import billing.models
+import billing.owned
 import pool.models
 from app.db import sync_url
 from app.migrate import alembic_config, downgrade, upgrade
@@ -43,6 +44,7 @@ _ = (
     app.meta,
     app.oversight.models,
     billing.models,
+    billing.owned,
     pool.models,
 )  # every table registered on SQLModel.metadata
 

@@ -95,6 +95,7 @@ reconcile_billing = tolerant(tasks.reconcile_billing)
 probe_accounts = tolerant(tasks.probe_accounts)
 rollup_usage = tolerant(tasks.rollup_usage)
 drop_dead_leases = tolerant(tasks.drop_dead_leases)
+settle_batches = tolerant(tasks.settle_batches)
 
 notify_transitions = tolerant(notify.notify_transitions)
 deliver_webhooks = tolerant(notify.deliver_webhooks)
@@ -105,7 +106,10 @@ FUNCTIONS = [
     drop_dead_leases,
     notify_transitions,
     deliver_webhooks,
+    settle_batches,
 ]
+BATCH_SETTLE_TIMEOUT = 3600
+"""Seconds one batch poll may take (it may read the results of several large batches)."""
 CRON_JOBS = [
     cron(reconcile_billing, second={0, 30}, unique=True, run_at_startup=True),
     cron(probe_accounts, second=set(range(0, 60, 10)), unique=True, run_at_startup=True),
@@ -118,12 +122,30 @@ CRON_JOBS = [
 ]
 
 
+def batch_poll_cron(seconds: float) -> Any:
+    """The cron of the batch poll, every ``BATCH_POLL_SECONDS`` as nearly as a cron can say:
+    at the seconds of each minute that divide it, or every so many minutes."""
+    step = max(1, round(seconds))
+    if step < 60:
+        times: dict[str, Any] = {"second": set(range(0, 60, step))}
+    else:
+        minutes = max(1, min(60, round(step / 60)))
+        times = {"minute": set(range(0, 60, minutes)), "second": 0}
+    return cron(
+        settle_batches, unique=True, run_at_startup=True, timeout=BATCH_SETTLE_TIMEOUT, **times
+    )
+
+
+ARQ_CRON_JOBS = [*CRON_JOBS, batch_poll_cron(60)]
+"""The ``arq`` command's jobs (default settings: the batch poll every 60 s)."""
+
+
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """The arq ``Worker`` arguments of ``poolrelay worker`` (its Redis comes from the
     supervisor, see :meth:`Supervisor.connect`)."""
     return {
         "functions": FUNCTIONS,
-        "cron_jobs": CRON_JOBS,
+        "cron_jobs": [*CRON_JOBS, batch_poll_cron(settings.batch_poll_seconds)],
         "on_startup": startup,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
@@ -139,7 +161,7 @@ class WorkerSettings:
     kept running through Redis outages."""
 
     functions = FUNCTIONS
-    cron_jobs = CRON_JOBS
+    cron_jobs = ARQ_CRON_JOBS
     on_startup = startup
     on_shutdown = shutdown
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from app import instances, redis_keys
+from app import batch_settlement, instances, redis_keys
 from app.redis_keys import progress as progress_key
 from app.state import Services
 from billing import reconcile, usage
@@ -230,3 +230,11 @@ async def rollup_usage(ctx: dict[str, Any]) -> dict[str, Any]:
     if moved:
         log.info("rolled %d request-log rows into daily usage", moved)
     return {"moved": moved}
+
+
+async def settle_batches(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Look at the batches in progress; charge the succeeded lines of those that ended and
+    release the rest of their holds (:mod:`app.batch_settlement`). Idempotent: a line is
+    charged once whoever settles it, however often."""
+    services: Services = ctx["services"]
+    return dict(await batch_settlement.settle_due(services))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -155,6 +155,7 @@ async def open_upstream(
     trace: Trace | None = None,
     header: HeaderBudget | None = None,
     queue: Turn | None = None,
+    only: Collection[str] | None = None,
 ) -> Opened:
     """Lease an account and send the request to it, failing over before the first byte.
 
@@ -168,6 +169,9 @@ async def open_upstream(
     accounts' concurrency caps keep out waits in the pool's queue (first come, first served,
     for what is left of ``QUEUE_SECONDS``) and goes on with the slot it is handed; the time
     waited is not taken from the deadlines above. Without one it is refused at once (429).
+
+    ``only``: the accounts the request may go to, and no other (a request naming a file: the
+    accounts of the file's group; see the scheduler).
     """
     trace = trace if trace is not None else Trace()
     settings = services.settings
@@ -190,6 +194,7 @@ async def open_upstream(
                 affinity=affinity,
                 exclude=exclude,
                 wait=queue.left if queue is not None else 0.0,
+                only=only,
             )
             try:
                 lease = await services.lease_starts.submit(call)

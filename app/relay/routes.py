@@ -14,7 +14,10 @@ from starlette.routing import BaseRoute, Route
 
 from app import errors
 from app.errors import ApiError, to_api_error
+from app.owned import file_pin
+from app.relay.batches import BatchApi
 from app.relay.edges import OpenAIEdge, parse_json_object
+from app.relay.files import FileApi
 from app.relay.forward import Trace, open_upstream, read_and_release
 from app.relay.me import SelfService
 from app.relay.models import ModelCatalog
@@ -58,6 +61,8 @@ class CustomerApi:
         self.relay = relay
         self.catalog = ModelCatalog(services)
         self.mine = SelfService(services)
+        self.batches = BatchApi(services, relay)
+        self.files = FileApi(services)
 
     async def _auth(self, request: Request) -> KeyContext:
         return await self.services.keys.authenticate(request.headers)
@@ -87,6 +92,7 @@ class CustomerApi:
             if not isinstance(body.get("messages"), list):
                 raise errors.invalid_request("messages: Field required (a list of messages)")
             check_model_allowed(key, model)
+            only = await file_pin(self.services, key.customer_id, [body], raw)
             opened = await open_upstream(
                 self.services,
                 method="POST",
@@ -100,6 +106,7 @@ class CustomerApi:
                 started=started,
                 trace=trace,
                 queue=Turn(self.services),  # waits for the pool's caps too
+                only=only,
             )
         except (ApiError, BillingError, PoolError) as exc:
             err = to_api_error(exc)
@@ -239,7 +246,7 @@ class CustomerApi:
         try:
             key = await self._auth(request)
             query = usage_repo.UsageQuery.from_params(
-                request.query_params, allowed_groups=("model", "day", "key", "session")
+                request.query_params, allowed_groups=("model", "day", "key", "session", "batch")
             )
             query.customer_id = key.customer_id
             query.account_id = None  # the pool's accounts are not the customer's business
@@ -281,6 +288,17 @@ ROUTES: list[tuple[str, str, list[str]]] = [
     ("/v1/me/sessions", "me_sessions", ["GET"]),
     ("/v1/me/requests", "me_requests", ["GET"]),
     ("/v1/me/requests/{request_id}", "me_request", ["GET"]),
+    ("/v1/messages/batches", "batches.create", ["POST"]),
+    ("/v1/messages/batches", "batches.list_batches", ["GET"]),
+    ("/v1/messages/batches/{batch_id}", "batches.retrieve", ["GET"]),
+    ("/v1/messages/batches/{batch_id}", "batches.delete", ["DELETE"]),
+    ("/v1/messages/batches/{batch_id}/cancel", "batches.cancel", ["POST"]),
+    ("/v1/messages/batches/{batch_id}/results", "batches.results", ["GET"]),
+    ("/v1/files", "files.upload", ["POST"]),
+    ("/v1/files", "files.list_files", ["GET"]),
+    ("/v1/files/{file_id}", "files.metadata", ["GET"]),
+    ("/v1/files/{file_id}", "files.delete", ["DELETE"]),
+    ("/v1/files/{file_id}/content", "files.content", ["GET"]),
     ("/", "probe", ["GET", "HEAD"]),
     ("/api/hello", "probe", ["GET", "HEAD"]),
     ("/v1/{rest:path}", "not_found", ["GET", "POST", "PUT", "PATCH", "DELETE"]),
@@ -293,7 +311,10 @@ def customer_routes() -> list[BaseRoute]:
     def bind(name: str) -> Callable[[Request], Awaitable[Any]]:
         async def endpoint(request: Request) -> Any:
             try:
-                return await getattr(request.app.state.customer_api, name)(request)
+                target: Any = request.app.state.customer_api
+                for part in name.split("."):  # "batches.create": CustomerApi.batches.create
+                    target = getattr(target, part)
+                return await target(request)
             except Exception:
                 log.exception("unexpected error on %s %s", request.method, request.url.path)
                 return errors.error_response(
@@ -301,7 +322,7 @@ def customer_routes() -> list[BaseRoute]:
                     openai=is_openai_client(request.headers),
                 )
 
-        endpoint.__name__ = name
+        endpoint.__name__ = name.replace(".", "_")
         return endpoint
 
     return [

@@ -33,6 +33,7 @@ from app import errors
 from app.errors import to_api_error
 from app.logs import log_request
 from app.oversight import signals
+from app.owned import file_pin
 from app.ratelimit import KeyRateLimiter
 from app.relay.checks import (
     check_model_allowed,
@@ -125,6 +126,7 @@ class Relay:
             raw = await read_body(request, settings.max_body_bytes, settings.client_body_timeout)
             body = edge.parse(raw)
             validate_messages_body(body)
+            only = await file_pin(self.services, key.customer_id, [body], raw)
             edited = await self.route(key, body, notes)
             check_model_allowed(key, str(body["model"]))
             await self.limit(key, request_id, raw, notes)
@@ -143,7 +145,7 @@ class Relay:
             return await self._refuse(exc, request_id, edge, notes, key, body, started, session)
         self.services.metrics.overhead.labels(edge.endpoint).observe(time.monotonic() - started)
         forward = edge.forward_bytes(raw, body, edited or downgraded)
-        return await self.forward(request, credit, body, forward, edge)
+        return await self.forward(request, credit, body, forward, edge, only)
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -371,8 +373,16 @@ class Relay:
     # -- lease and forward, relay ---------------------------------------------------------------
 
     async def forward(
-        self, request: Request, credit: Credit, body: dict[str, Any], raw: bytes, edge: Edge
+        self,
+        request: Request,
+        credit: Credit,
+        body: dict[str, Any],
+        raw: bytes,
+        edge: Edge,
+        only: frozenset[str] | None = None,
     ) -> Any:
+        """Lease an account and forward (``only``: the accounts it may go to, and no other —
+        it names files: their group's accounts), then relay the answer."""
         services = self.services
         request_id = credit.request_id
         trace = Trace()
@@ -407,6 +417,7 @@ class Relay:
                     services.settings, streaming=credit.stream, max_tokens=credit.max_tokens
                 ),
                 queue=turn,
+                only=only,
             )
         except asyncio.CancelledError:
             watch.stop()

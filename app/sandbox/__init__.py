@@ -19,8 +19,9 @@ Modules: ``app`` (routes, :func:`run`), ``gate`` (what every endpoint checks fir
 answers), ``validation`` (the checks), ``messages`` (Messages and count_tokens), ``models``
 (the models endpoints) over ``catalog`` (models and aliases), ``prompt`` (token estimate),
 ``cache`` (prompt-cache simulation), ``reply`` (the planned reply), ``render`` (JSON and SSE),
-``faults`` (scripted faults, rate-limit buckets), ``state``, ``control`` (``/_fake/*``),
-``common`` (ids, raw responses, error bodies).
+``faults`` (scripted faults, rate-limit buckets), ``batches`` (Message Batches), ``files``
+(the Files API), ``paging`` (list pages), ``state``, ``control`` (``/_fake/*``), ``common`` (ids,
+raw responses, error bodies).
 
 What it refuses
 ---------------
@@ -84,6 +85,12 @@ Anthropic endpoints
   resolves an alias to the newest dated id of its family (``claude-haiku-4-5`` ->
   ``claude-haiku-4-5-20251001``).
 
+- Message Batches (``/v1/messages/batches``: create, list, retrieve, cancel, delete, results)
+  and the Files API (``/v1/files``: upload, list, metadata, content, delete), each object scoped
+  to the credential that created it (another credential's id: 404 ``not_found_error``); a
+  Messages request naming another credential's ``file_id`` gets the same 404. Described in
+  :mod:`app.sandbox.batches` and :mod:`app.sandbox.files`.
+
 Rate limits: per credential, families ``requests`` (default 4,000), ``input-tokens``
 (2,000,000), ``output-tokens`` (400,000) and ``tokens`` (input + output limits), refilled at the
 next minute boundary. A message consumes 1 request, its uncached input (``input_tokens`` +
@@ -137,8 +144,10 @@ Control API (not Anthropic's; no auth; JSON in and out)
 - ``POST /_fake/models`` ``{"id": "claude-test-9-20990101", "max_tokens"?: 64000,
   "max_input_tokens"?: 200000, "display_name"?, "created_at"?}`` -> ``{"ok": true, "model":
   {...}}``: one more model for this app (listed first), until ``/_fake/reset``.
-- ``POST /_fake/reset`` -> ``{"ok": true}``: forget faults, limits, cache, added models, stats
-  and log.
+- ``POST /_fake/batches`` ``{"processing_seconds": 0.5}`` -> ``{"ok": true, ...}``: how long
+  batches created from then on take (default 0.5 s).
+- ``POST /_fake/reset`` -> ``{"ok": true}``: forget faults, limits, cache, added models, stats,
+  log, batches and files.
 - ``GET /_fake/stats`` -> ``{"requests": {credential: n}, "total": n, "by_path": {path: n}}``:
   ``requests``/``total`` count ``/v1/messages`` requests (every one that arrived, whatever its
   outcome; a missing credential counts under ``""``); ``by_path`` counts every ``/v1/*`` path.

@@ -10,7 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.sandbox.batches import BatchRoutes
 from app.sandbox.control import ControlRoutes
+from app.sandbox.files import FileRoutes
 from app.sandbox.gate import Gate
 from app.sandbox.messages import MessageRoutes
 from app.sandbox.models import ModelRoutes
@@ -24,9 +26,22 @@ def create_fake_app() -> Starlette:
     messages = MessageRoutes(gate)
     models = ModelRoutes(gate)
     control = ControlRoutes(state)
+    batches = BatchRoutes(gate)
+    files = FileRoutes(gate)
     routes = [
         Route("/v1/messages", messages.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
+        Route("/v1/messages/batches", batches.create, methods=["POST"]),
+        Route("/v1/messages/batches", batches.list_batches, methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}", batches.retrieve, methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}", batches.delete, methods=["DELETE"]),
+        Route("/v1/messages/batches/{batch_id}/cancel", batches.cancel, methods=["POST"]),
+        Route("/v1/messages/batches/{batch_id}/results", batches.results, methods=["GET"]),
+        Route("/v1/files", files.upload, methods=["POST"]),
+        Route("/v1/files", files.list_files, methods=["GET"]),
+        Route("/v1/files/{file_id}", files.metadata, methods=["GET"]),
+        Route("/v1/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", files.content, methods=["GET"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
         Route("/_fake/faults", control.set_fault, methods=["POST"]),
@@ -34,6 +49,7 @@ def create_fake_app() -> Starlette:
         Route("/_fake/faults", control.clear_faults, methods=["DELETE"]),
         Route("/_fake/limits", control.set_limits, methods=["POST"]),
         Route("/_fake/models", control.add_model, methods=["POST"]),
+        Route("/_fake/batches", control.set_batches, methods=["POST"]),
         Route("/_fake/reset", control.reset, methods=["POST"]),
         Route("/_fake/stats", control.stats, methods=["GET"]),
         Route("/_fake/requests", control.requests, methods=["GET"]),

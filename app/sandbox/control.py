@@ -189,6 +189,21 @@ class ControlRoutes:
         self.state.models.add(info)
         return json_response({"ok": True, "model": info.to_json()})
 
+    async def set_batches(self, request: Request) -> Response:
+        """``{"processing_seconds": s}``: how long batches created from now on take."""
+        data = await _body(request)
+        if isinstance(data, Response):
+            return data
+        try:
+            seconds = _number(data.get("processing_seconds"), "processing_seconds")
+        except ValueError as exc:
+            return _bad(str(exc))
+        if seconds is not None:
+            self.state.batches.processing_seconds = float(seconds)
+        return json_response(
+            {"ok": True, "processing_seconds": self.state.batches.processing_seconds}
+        )
+
     async def reset(self, request: Request) -> Response:
         self.state.reset()
         return json_response({"ok": True})

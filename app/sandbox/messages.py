@@ -25,6 +25,7 @@ from app.sandbox.common import (
     pause,
     tokens,
 )
+from app.sandbox.files import missing_file
 from app.sandbox.gate import Exchange, Gate
 from app.sandbox.prompt import analyze
 from app.sandbox.render import SSEResponse, message_json, sse_events
@@ -84,6 +85,7 @@ class MessageRoutes:
         if info is None:
             return gate.fail(ex, unknown_model(body["model"]))
         problem = check_model_limit(body["max_tokens"], info.max_tokens, info.id)
+        problem = problem or missing_file(state.files, body, ex.credential)
         if problem is not None:
             return gate.fail(ex, problem)
         return await self._answer(request, ex, body, len(raw), info.id)
@@ -148,5 +150,8 @@ class MessageRoutes:
             return gate.fail(ex, problem)
         if gate.state.models.resolve(body["model"]) is None:
             return gate.fail(ex, unknown_model(body["model"]))
+        problem = missing_file(gate.state.files, body, ex.credential)
+        if problem is not None:
+            return gate.fail(ex, problem)
         total = max(1, min(tokens(analyze(body).chars), len(raw)))
         return gate.ok(ex, {"input_tokens": total})

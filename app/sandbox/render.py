@@ -88,7 +88,11 @@ class SSEResponse(Response):
 
 
 def usage(
-    input_tokens: int, plan: CachePlan | None, output_tokens: int, full: bool = True
+    input_tokens: int,
+    plan: CachePlan | None,
+    output_tokens: int,
+    full: bool = True,
+    tier: str = "standard",
 ) -> dict[str, Any]:
     write_5m = plan.write_5m if plan else 0
     write_1h = plan.write_1h if plan else 0
@@ -104,7 +108,7 @@ def usage(
         }
     out["output_tokens"] = output_tokens
     if full:
-        out["service_tier"] = "standard"
+        out["service_tier"] = tier
     return out
 
 
@@ -150,7 +154,12 @@ def sse_events(
 
 
 def message_json(
-    msg_id: str, model: str, reply: Reply, input_tokens: int, plan: CachePlan | None
+    msg_id: str,
+    model: str,
+    reply: Reply,
+    input_tokens: int,
+    plan: CachePlan | None,
+    tier: str = "standard",
 ) -> bytes:
     content: list[dict[str, Any]] = [{"type": "text", "text": "".join(reply.pieces)}]
     if reply.tool is not None:
@@ -165,6 +174,6 @@ def message_json(
             "content": content,
             "stop_reason": reply.stop_reason,
             "stop_sequence": reply.stop_sequence,
-            "usage": usage(input_tokens, plan, reply.output_tokens),
+            "usage": usage(input_tokens, plan, reply.output_tokens, tier=tier),
         }
     )

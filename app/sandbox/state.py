@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.requests import Request
 
@@ -12,6 +12,10 @@ from app.sandbox.cache import PromptCache
 from app.sandbox.catalog import Catalog
 from app.sandbox.common import Header
 from app.sandbox.faults import DEFAULT_LIMITS, Bucket, Fault
+
+if TYPE_CHECKING:
+    from app.sandbox.batches import BatchStore
+    from app.sandbox.files import FileStore
 
 REQUEST_LOG_SIZE: Final = 200
 LOGGED_BODY_MAX_BYTES: Final = 1024 * 1024
@@ -34,6 +38,12 @@ class FakeState:
         self.by_path: dict[str, int] = {}
         self.total = 0
         self.log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_SIZE)
+        # imported here: those modules import the gate, which imports this one
+        from app.sandbox.batches import BatchStore
+        from app.sandbox.files import FileStore
+
+        self.batches: BatchStore = BatchStore()
+        self.files: FileStore = FileStore()
 
     def reset(self) -> None:
         """Forget everything but the organization id."""
@@ -47,6 +57,8 @@ class FakeState:
         self.by_path.clear()
         self.total = 0
         self.log.clear()
+        self.batches.clear()
+        self.files.clear()
 
     def record(
         self,

@@ -148,3 +148,24 @@ def test_sdk_retries_a_rate_limited_pool(node_tools: NodeTools, pool: Pool) -> N
     assert error["is_rate_limit_error"] and error["status"] == 429, error
     assert error["type"] == "rate_limit_error"
     assert error["requestID"] and error["should_retry"] == "true", error
+
+
+def test_batch_results_through_the_relay(node_tools: NodeTools, pool: Pool) -> None:
+    result = ok(run_sdk(node_tools, pool, "batch"))
+    batch = result["batch"]
+    assert batch["processing_status"] == "ended"
+    assert batch["results_url"] == f"{pool.url}/v1/messages/batches/{batch['id']}/results"
+    assert sorted(r["custom_id"] for r in result["results"]) == ["ts-1", "ts-2"]
+    assert {r["result"]["message"]["usage"]["service_tier"] for r in result["results"]} == {"batch"}
+    assert result["listed"] == [batch["id"]]
+    paths = [a["path"] for a in result["attempts"]]
+    assert f"/v1/messages/batches/{batch['id']}/results" in paths
+
+
+def test_files_through_the_relay(node_tools: NodeTools, pool: Pool) -> None:
+    result = ok(run_sdk(node_tools, pool, "files"))
+    uploaded = result["uploaded"]
+    assert uploaded["filename"] == "notes.txt"
+    assert result["listed"] == [uploaded["id"]]
+    assert result["content"] == "notes from TypeScript"
+    assert result["deleted"]["id"] == uploaded["id"]

@@ -101,6 +101,39 @@ const cases = {
   async model_alias() {
     return { model: await client.models.retrieve(MODEL) };
   },
+
+  async batch() {
+    const params = (text) => ({ model: MODEL, max_tokens: 32, messages: user(text) });
+    const created = await client.messages.batches.create({
+      requests: [
+        { custom_id: "ts-1", params: params("Batch from TypeScript") },
+        { custom_id: "ts-2", params: params("Another line") },
+      ],
+    });
+    let batch = created;
+    for (let i = 0; i < 200 && batch.processing_status !== "ended"; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      batch = await client.messages.batches.retrieve(created.id);
+    }
+    const results = [];
+    for await (const line of await client.messages.batches.results(created.id)) results.push(line);
+    const listed = [];
+    for await (const item of client.messages.batches.list({ limit: 1 })) listed.push(item.id);
+    return { created, batch, results, listed };
+  },
+
+  async files() {
+    const betas = ["files-api-2025-04-14"];
+    const file = await sdk.toFile(Buffer.from("notes from TypeScript"), "notes.txt", {
+      type: "text/plain",
+    });
+    const uploaded = await client.beta.files.upload({ file, betas });
+    const listed = [];
+    for await (const item of client.beta.files.list({ betas })) listed.push(item.id);
+    const content = await (await client.beta.files.download(uploaded.id, { betas })).text();
+    const deleted = await client.beta.files.delete(uploaded.id, { betas });
+    return { uploaded, listed, content, deleted };
+  },
 };
 
 const name = process.argv[2];
