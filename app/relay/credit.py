@@ -1,6 +1,6 @@
 """One request's money, from its hold to its charge: :class:`Credit`.
 
-The relay opens one :class:`Credit` per admitted request (:meth:`Desk.open`). It places the
+The relay opens one :class:`Credit` per admitted request. It places the
 hold, tells whether the placement was refused, grows a stream's hold while the stream runs,
 and turns the hold into the real charge (or releases it) when the request ends — retrying in
 the background while the database does not answer. The stream calls it directly
@@ -71,36 +71,6 @@ class Desk:
         self.ambiguous_hold_wait = wait + 1.0 if wait else 0.0
         """Seconds after a hold's uncertain failure by which its statement has ended."""
         self._background: set[asyncio.Task[None]] = set()
-
-    def open(
-        self,
-        *,
-        request_id: str,
-        key: KeyContext,
-        price: Price,
-        worst: Usage,
-        stream: bool,
-        model: str,
-        notes: dict[str, str],
-        endpoint: str,
-        started: float,
-        reservation: Reservation | None,
-        session_id: str | None,
-    ) -> Credit:
-        return Credit(
-            self,
-            request_id=request_id,
-            key=key,
-            price=price,
-            worst=worst,
-            stream=stream,
-            model=model,
-            notes=notes,
-            endpoint=endpoint,
-            started=started,
-            reservation=reservation,
-            session_id=session_id,
-        )
 
     def spawn(self, job: Coroutine[Any, Any, None]) -> None:
         """Run ``job`` in the background, kept referenced until it ends."""

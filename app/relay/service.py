@@ -261,7 +261,8 @@ class Relay:
                         session, key.key_id, budget, amount, enforce=False
                     )
         stream = bool(body.get("stream"))
-        credit = self.desk.open(
+        credit = Credit(
+            self.desk,
             request_id=request_id,
             key=key,
             price=price,
