@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from app.relay.sse import StreamMeter
 from billing.estimate import hold_micros, worst_case_usage
 from billing.pricing import SEED_PRICES, Usage, cost_micros
 from tests import harness
@@ -181,3 +182,23 @@ def test_concurrent_streams_on_a_small_balance_never_overdraw(relay: RelayServer
     charged = -sum(micros(e["amount_usd"]) for e in ledger if e["kind"] == "usage")
     assert 0 < charged <= balance
     assert micros(customer["balance_usd"]) == balance - charged >= 0
+
+
+def test_a_stream_whose_hold_covers_max_tokens_is_never_metered_against_it(
+    relay: RelayServer, fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the hold covers ``max_tokens`` (here from the start: max_tokens < the slice), no
+    chunk takes the careful path (a copy of the meter per chunk), however much text flows."""
+    copies = []
+    original = StreamMeter.copy
+
+    def counted(self: StreamMeter) -> StreamMeter:
+        copies.append(1)
+        return original(self)
+
+    monkeypatch.setattr(StreamMeter, "copy", counted)
+    fake.fault(CRED, "slow_stream", delay=0.001)
+    _, key = relay.create_customer(balance_usd="10")
+    r, raw = stream(relay, key, request(200, max_tokens=SLICE // 2))
+    assert r.status_code == 200 and raw.count(b"event: message_stop") == 1
+    assert copies == []

@@ -213,8 +213,13 @@ class RelayStream:
                         continue
                     if self.end.first_byte_ms is None:
                         self.end.first_byte_ms = int((time.monotonic() - started) * 1000)
-                    if meter.delta_text_bytes + len(chunk) <= credit.held_output:
-                        meter.feed(chunk)  # covered whatever it holds (the usual case)
+                    if (
+                        credit.held_output >= credit.max_tokens
+                        or meter.delta_text_bytes + len(chunk) <= credit.held_output
+                    ):
+                        # covered whatever it holds: the hold covers max_tokens already, or
+                        # the chunk's whole length (the usual cases)
+                        meter.feed(chunk)
                     else:
                         before, held = meter.copy(), credit.held_output
                         meter.feed(chunk)
