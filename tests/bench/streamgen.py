@@ -50,27 +50,32 @@ def cache_dir() -> Path:
 
 def binary() -> Path:
     """The compiled generator (built now if this source version was not built before)."""
-    source = SOURCE.read_bytes()
-    target = cache_dir() / f"streamgen-{hashlib.sha256(source).hexdigest()[:12]}"
+    return build(SOURCE)
+
+
+def build(path: Path) -> Path:
+    """``path`` (a C file next to this module) compiled with ``gcc -O2``, cached by content."""
+    source = path.read_bytes()
+    target = cache_dir() / f"{path.stem}-{hashlib.sha256(source).hexdigest()[:12]}"
     if target.exists():
         return target
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise NoCompiler(
-            "the streams load generator is C and needs gcc: install it with "
+            "the streams benchmark's load generator is C and needs gcc: install it with "
             "`apt-get install gcc` (nothing was run)"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / "streamgen"
+        out = Path(tmp) / path.stem
         done = subprocess.run(
-            [gcc, "-O2", "-Wall", "-o", str(out), str(SOURCE)],
+            [gcc, "-O2", "-Wall", "-o", str(out), str(path)],
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"building streamgen failed:\n{done.stderr}")
+            raise RuntimeError(f"building {path.name} failed:\n{done.stderr}")
         out.replace(target)  # atomic: a concurrent build leaves one complete binary
     return target
 
