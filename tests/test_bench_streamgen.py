@@ -8,6 +8,7 @@ CI).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -109,7 +110,7 @@ class ScriptedServer:
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
-        with conn:
+        with conn, contextlib.suppress(OSError):  # the client may leave mid-stream
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             data = b""
             while b"\r\n\r\n" not in data:
@@ -198,6 +199,17 @@ def test_a_stall_before_the_first_delta_counts_too(serve: Any) -> None:
 def test_a_stream_without_message_stop_is_an_error(serve: Any) -> None:
     result = run(serve(script()[:-1]))
     assert result["ok"] == 0 and result["error_kinds"] == {"stream without message_stop": 1}
+
+
+@pytest.mark.usefixtures("generator")
+def test_disconnect_after_and_duration(serve: Any) -> None:
+    server = serve(script())
+    result = run(server, concurrency=2, disconnect_after=3)
+    assert result["disconnected"] == 2 and result["delivered"] == 2, result
+    assert result["ok"] == 0 and result["errors"] == 0 and result["stalled_frames"] == 0
+    result = run(server, concurrency=1, duration=0.6)  # streams of ~0.15 s, back to back
+    assert result["ok"] >= 2 and result["errors"] == 0, result
+    assert result["ok"] == result["delivered"]
 
 
 @pytest.mark.usefixtures("generator")

@@ -56,6 +56,8 @@ struct conn {
     int line_len;   /* bytes of the current line seen (may exceed LINE_KEEP) */
     int event_kind; /* of the event being read: 0 other, 1 delta, 2 stop, 3 error */
     int has_field;
+    int leaving;    /* --disconnect-after reached: close after this read */
+    double wake_at; /* > 0: waiting --error-pause-ms before the next request */
 };
 
 /* options */
@@ -66,10 +68,14 @@ static int concurrency = 1;
 static int rounds = 1;
 static double pace_ms = 20.0, stall_ms = 50.0, timeout_s = 120.0;
 static int expect_deltas = 0;
+static double duration_s = 0.0, error_pause_s = 0.0;
+static int disconnect_after = 0;
+static double t_end;
 static char *request_buf;
 static size_t request_len;
 
 /* results */
+static long delivered, disconnected, sleeping;
 static long ok_count, err_count, total_frames, stalled_frames, stalled_streams;
 static long stalls_by_pos[STALL_POSITIONS + 1]; /* delta index 1..8, then later (and others) */
 static double max_excess_ms;
@@ -106,6 +112,7 @@ static int open_conn(struct conn *c) {
     int round = c->round;
     memset(c, 0, offsetof(struct conn, hbuf));
     c->round = round;
+    c->wake_at = 0;
     c->hlen = 0;
     c->line_len = 0;
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -138,6 +145,12 @@ static void finish(struct conn *c, const char *error) {
         c->fd = -1;
         active--;
     }
+    if (c->leaving) {
+        disconnected++;
+        c->state = S_DONE;
+        c->leaving = 0;
+        goto next;
+    }
     if (error == NULL && c->status != 200) {
         static char buf[32];
         snprintf(buf, sizeof buf, "http %d", c->status);
@@ -149,7 +162,15 @@ static void finish(struct conn *c, const char *error) {
     else ok_count++;
     if (c->stalls) stalled_streams++;
     c->state = S_DONE;
-    if (++c->round < rounds) open_conn(c);
+next:
+    if (duration_s > 0) {
+        double t = now_s();
+        if (t >= t_end || rounds == 0) return;
+        if (error && error_pause_s > 0) {
+            c->wake_at = t + error_pause_s;
+            sleeping++;
+        } else open_conn(c);
+    } else if (++c->round < rounds) open_conn(c);
 }
 
 static void on_frame(struct conn *c, double t) {
@@ -175,6 +196,7 @@ static void on_frame(struct conn *c, double t) {
         }
         c->deltas++;
         c->t_prev_delta = t;
+        if (disconnect_after && c->deltas == disconnect_after) c->leaving = 1;
     } else if (c->event_kind == 2) {
         c->stopped = 1;
     }
@@ -275,6 +297,7 @@ static int body(struct conn *c, const char *p, size_t n, double t) {
 
 static void headers_done(struct conn *c, int end) {
     c->status = atoi(c->hbuf + 9);
+    if (c->status == 200) delivered++;
     c->bstate = B_IDENTITY;
     c->remaining = -1;
     char *line = strstr(c->hbuf, "\r\n");
@@ -337,6 +360,10 @@ static void on_readable(struct conn *c) {
             finish(c, NULL);
             return;
         }
+        if (c->leaving) { /* --disconnect-after: the client goes away mid-stream */
+            finish(c, NULL);
+            return;
+        }
     }
 }
 
@@ -386,7 +413,8 @@ static void usage(void) {
     fprintf(stderr,
             "usage: streamgen --port P --body-file F [--host 127.0.0.1] [--path /v1/messages]\n"
             "                 [--header 'name: value']... [--concurrency N] [--rounds R]\n"
-            "                 [--pace-ms 20] [--stall-ms 50] [--expect-deltas 64] [--timeout 120]\n");
+            "                 [--pace-ms 20] [--stall-ms 50] [--expect-deltas 64] [--timeout 120]\n"
+            "                 [--duration S] [--error-pause-ms MS] [--disconnect-after K]\n");
     exit(2);
 }
 
@@ -407,6 +435,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--stall-ms")) stall_ms = atof(v);
         else if (!strcmp(a, "--expect-deltas")) expect_deltas = atoi(v);
         else if (!strcmp(a, "--timeout")) timeout_s = atof(v);
+        else if (!strcmp(a, "--duration")) duration_s = atof(v);
+        else if (!strcmp(a, "--error-pause-ms")) error_pause_s = atof(v) / 1000;
+        else if (!strcmp(a, "--disconnect-after")) disconnect_after = atoi(v);
         else if (!strcmp(a, "--body-file")) body_file = v;
         else if (!strcmp(a, "--header")) {
             int w = snprintf(headers + hl, sizeof headers - hl, "%s\r\n", v);
@@ -441,6 +472,7 @@ int main(int argc, char **argv) {
     setrlimit(RLIMIT_NOFILE, &rl);
 
     cap_streams = (long)concurrency * rounds;
+    if (duration_s > 0) cap_streams = (long)concurrency * (long)(duration_s * 20 + 16);
     cap_gaps = cap_streams * (expect_deltas ? expect_deltas : 256);
     ttfb = malloc(sizeof(double) * cap_streams);
     ttft = malloc(sizeof(double) * cap_streams);
@@ -455,11 +487,25 @@ int main(int argc, char **argv) {
         conns[i].fd = -1;
         open_conn(&conns[i]);
     }
-    double deadline = t0 + timeout_s;
+    t_end = t0 + duration_s;
+    double deadline = t0 + duration_s + timeout_s;
     struct epoll_event events[512];
-    while (active > 0) {
-        double left = deadline - now_s();
+    while (active > 0 || sleeping > 0) {
+        double t = now_s();
+        double left = deadline - t;
         if (left <= 0) break;
+        if (sleeping > 0) {
+            for (int i = 0; i < concurrency; i++) {
+                struct conn *c = &conns[i];
+                if (c->wake_at <= 0) continue;
+                if (c->wake_at <= t || t >= t_end) {
+                    c->wake_at = 0;
+                    sleeping--;
+                    if (t < t_end) open_conn(c);
+                } else if (c->wake_at - t < left) left = c->wake_at - t;
+            }
+            if (active == 0 && sleeping == 0) break;
+        }
         int n = epoll_wait(epfd, events, 512, (int)(left * 1000) + 1);
         double t1 = now_s();
         for (int i = 0; i < n; i++) {
@@ -483,8 +529,9 @@ int main(int argc, char **argv) {
                  (ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) +
                  (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) / 1e6;
 
-    printf("{\"concurrency\":%d,\"rounds\":%d,\"ok\":%ld,\"errors\":%ld,\"error_kinds\":{",
-           concurrency, rounds, ok_count, err_count);
+    printf("{\"concurrency\":%d,\"rounds\":%d,\"ok\":%ld,\"errors\":%ld,\"delivered\":%ld,"
+           "\"disconnected\":%ld,\"error_kinds\":{",
+           concurrency, rounds, ok_count, err_count, delivered, disconnected);
     for (int i = 0; i < n_kinds; i++) printf("%s\"%s\":%ld", i ? "," : "", kinds[i], kind_counts[i]);
     printf("},\"frames\":%ld,\"stalled_frames\":%ld,\"stalled_streams\":%ld,\"stalls_by_delta\":[",
            total_frames, stalled_frames, stalled_streams);

@@ -10,9 +10,13 @@ streaming ``POST`` on each (``rounds`` of them one after another, a new connecti
 times every SSE frame (an event ended by a blank line) as it is read. A frame is *stalled* when
 it arrives more than ``stall_ms`` after the frame before it, beyond the pacing: ``pace_ms`` is
 expected before a ``content_block_delta`` that follows another delta, nothing before any other
-frame. The result::
+frame. With ``duration`` each connection starts stream after stream until that many seconds
+have passed (instead of ``rounds``), waiting ``error_pause_ms`` after a failed one; with
+``disconnect_after`` K the generator closes each connection after its K-th delta (a client
+going away mid-stream: counted as ``disconnected``, neither ok nor error). The result::
 
-    {"concurrency", "rounds", "ok", "errors", "error_kinds": {kind: n}, "frames",
+    {"concurrency", "rounds", "ok", "errors", "delivered" (streams answered 200),
+     "disconnected", "error_kinds": {kind: n}, "frames",
      "stalled_frames", "stalled_streams",
      "stalls_by_delta": [at delta 1, 2, …, 8, later deltas and other frames],
      "max_excess_ms": the largest lateness of any frame beyond its expected gap,
@@ -92,6 +96,9 @@ def command(
     expect_deltas: int = 0,
     timeout: float = 120.0,
     path: str = "/v1/messages",
+    duration: float = 0.0,
+    error_pause_ms: float = 0.0,
+    disconnect_after: int = 0,
 ) -> list[str]:
     argv = [
         str(binary()),
@@ -104,6 +111,9 @@ def command(
         "--stall-ms", str(stall_ms),
         "--expect-deltas", str(expect_deltas),
         "--timeout", str(timeout),
+        "--duration", str(duration),
+        "--error-pause-ms", str(error_pause_ms),
+        "--disconnect-after", str(disconnect_after),
     ]  # fmt: skip
     for name, value in (headers or {}).items():
         argv += ["--header", f"{name}: {value}"]
@@ -121,7 +131,7 @@ def run(port: int, body: bytes, **options: Any) -> dict[str, Any]:
         f.write(body)
         f.flush()
         argv = command(port, Path(f.name), **options)
-        timeout = float(options.get("timeout", 120.0)) + 30
+        timeout = float(options.get("timeout", 120.0)) + float(options.get("duration", 0)) + 30
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"streamgen failed ({done.returncode}): {done.stderr}")
