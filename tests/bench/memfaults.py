@@ -1,7 +1,7 @@
 """Benchmark: the relay's memory through faults, and nothing lost.
 
     python -m tests.bench.memfaults [--only pg-outage,failover,disconnects]
-                                    [--duration 60] [--outage 20] [--streams 32]
+                                    [--duration 60] [--outage 20] [--outages 1] [--streams 32]
                                     [--failovers 300] [--disconnects 1000]
                                     [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
                                     [--redis-url redis://127.0.0.1:6379/11]
@@ -16,7 +16,8 @@ and Redis db 11 (flushed before and after). The upstream is the sandbox, streams
 (:mod:`tests.bench.streamgen`).
 
 - ``pg-outage``: ``--streams`` concurrent streams back to back for ``--duration`` seconds;
-  PostgreSQL cut for ``--outage`` seconds in the middle. New requests get 529 meanwhile (the
+  PostgreSQL cut for ``--outage`` seconds in the middle (``--outages K``: K cuts, evenly
+  spread, to tell a one-time growth from a ratchet per outage). New requests get 529 meanwhile (the
   generator waits 200 ms after each); settlements of streams that finish during the outage are
   retried until PostgreSQL returns.
 - ``failover``: ``--failovers`` requests, one at a time, half streamed, each of whose first
@@ -249,19 +250,21 @@ class MemBench:
         self.streams(concurrency=a.streams, duration=min(10.0, a.duration / 4), error_pause_ms=200)
         base = self.settled(0)
         before_rss = self.idle_rss()
-        cut_at = (a.duration - a.outage) / 2
+        # ``--outages`` cuts of ``--outage`` seconds each, evenly spread over the load
+        gap = (a.duration - a.outages * a.outage) / (a.outages + 1)
         points: list[tuple[str, float]] = []
         with RssTimeline(self.relay.pid) as timeline:
             proc = self.generator(concurrency=a.streams, duration=a.duration, error_pause_ms=200)
             t0 = time.monotonic()
-            time.sleep(cut_at)
-            points.append(("at the cut", self.rss()))
-            self.proxy.stop()
-            print(f"[pg-outage] PostgreSQL cut at {time.monotonic() - t0:.1f} s", flush=True)
-            time.sleep(a.outage)
-            points.append(("end of the outage", self.rss()))
-            self.proxy.start()
-            print(f"[pg-outage] PostgreSQL back at {time.monotonic() - t0:.1f} s", flush=True)
+            for k in range(a.outages):
+                time.sleep(max(0.0, t0 + gap * (k + 1) + a.outage * k - time.monotonic()))
+                points.append((f"cut {k + 1}", self.rss()))
+                self.proxy.stop()
+                print(f"[pg-outage] PostgreSQL cut at {time.monotonic() - t0:.1f} s", flush=True)
+                time.sleep(a.outage)
+                points.append((f"end of outage {k + 1}", self.rss()))
+                self.proxy.start()
+                print(f"[pg-outage] PostgreSQL back at {time.monotonic() - t0:.1f} s", flush=True)
             result = self.finish(proc)
             points.append(("end of the load", self.rss()))
             state = self.settled(base["usage"] + int(result["delivered"]))
@@ -480,7 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_stack_args(parser)
     parser.add_argument("--only", default="pg-outage,failover,disconnects")
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--outage", type=float, default=20.0)
+    parser.add_argument("--outage", type=float, default=20.0, help="seconds per outage")
+    parser.add_argument("--outages", type=int, default=1, help="outages during the load")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--failovers", type=int, default=300)
     parser.add_argument("--disconnects", type=int, default=1000)
