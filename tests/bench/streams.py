@@ -17,8 +17,11 @@ Targets, in the same run: DIRECT (the sandbox upstream itself), the bare PASSTHR
 (:mod:`tests.bench.passthrough`) and the RELAY (``poolrelay serve``, full billing and
 scheduling on a scratch PostgreSQL database, created and dropped, and Redis db 11, flushed
 before and after). The process under test (passthrough, relay) is pinned to CPU 0, the
-generator, the sandbox and this harness to CPU 1 (when the machine has two CPUs or more);
-PostgreSQL and Redis are not ours to pin.
+generator, the sandbox and this harness to CPU 1 (when the machine has two CPUs or more;
+``--no-pin``: nowhere); PostgreSQL and Redis are not ours to pin. On a shared, busy machine
+``--rt`` runs the generator and the replay upstream under ``SCHED_FIFO`` (both are
+event-driven and light), so that a stall they record is the server's, not their own
+descheduling; the servers under test keep the normal scheduler.
 
 Printed per run: stalled frames (and at which delta), errors, time to first byte and to the
 first delta (p50/p99), the gap between deltas (p50/p99/max), the generator's CPU and its
@@ -72,6 +75,7 @@ SERVER_CPU, CLIENT_CPU = 0, 1
 
 
 PINNING = True
+REALTIME = False  # --rt: the generator and the replay upstream under SCHED_FIFO
 
 
 def pin(pid: int, cpu: int) -> bool:
@@ -270,6 +274,8 @@ class Bench:
 def _on_client_cpu() -> None:
     if (os.cpu_count() or 1) > 1 and PINNING:
         os.sched_setaffinity(0, {CLIENT_CPU})
+    if REALTIME:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
 
 
 class _Null:
@@ -533,6 +539,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-pin", action="store_true", help="let the scheduler place every process"
     )
     parser.add_argument(
+        "--rt",
+        action="store_true",
+        help="run the generator and the replay upstream (light, event-driven) under SCHED_FIFO,"
+        " so that other processes on a shared machine cannot delay them (needs root)",
+    )
+    parser.add_argument(
         "--upstream",
         choices=("replay", "sandbox"),
         default="replay",
@@ -554,9 +566,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run() -> None:
-    global PINNING
+    global PINNING, REALTIME
     args = parse_args()
     PINNING = not args.no_pin
+    REALTIME = args.rt
     sys.exit(main(args))
 
 
