@@ -1,6 +1,7 @@
 """Benchmark: added latency as the public boards report it, next to its floor, in one run.
 
     python -m tests.bench.latency [--duration 6] [--rps-duration 4] [--p99-bound 50]
+                                  [--parts c1,rps]
                                   [--pg-url postgresql://postgres@127.0.0.1:5432/postgres]
                                   [--redis-url redis://127.0.0.1:6379/11]
 
@@ -17,7 +18,8 @@ the Python load generator :mod:`tests.bench.loadgen` in its own process):
    answer: the relay's group-commit path, ``billing.holds_pg.PgHolds``, at concurrency 1 on a
    scratch database of the same server, no HTTP).
 3. **Requests per second at a p99 bound** (default 50 ms): JSON requests at concurrency 1, 2,
-   4, … until p99 passes the bound; the best rate whose p99 stays within it, per target.
+   4, … until p99 passes the bound at two levels in a row; the best rate whose p99 stays within
+   it, per target.
 
 Every run prints the machine's steal time and the other processes' CPU (busy runs flagged), and
 the load average. A billing check ends the run (one usage entry per relayed 200, no hold left,
@@ -35,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +122,77 @@ def machine(run: Run) -> str:
     )
 
 
+Measure = Callable[[Scenario, str], Run]
+
+
+def concurrency_1(args: argparse.Namespace, measure: Measure) -> dict[str, Any]:
+    """Part 1 and 2: added p50/p99 at c=1, and the floor measured now."""
+    c1: dict[tuple[str, str], Run] = {}
+    print("\n== concurrency 1 ==  (ms)")
+    for name, stream in (("json", False), ("stream", True)):
+        s = Scenario(f"{name}-c1", f"{name} c=1", stream, 1, args.duration, 1.0)
+        for target in TARGETS:
+            run = c1[(name, target)] = measure(s, target)
+            q50, q99 = ("ttft_p50_ms", "ttft_p99_ms") if stream else ("p50_ms", "p99_ms")
+            print(
+                f"  {name:<6} {target:<11} {'TTFT' if stream else 'latency'} p50 "
+                f"{fmt(run.load[q50], '{:.2f}'):>6} p99 {fmt(run.load[q99], '{:.2f}'):>7}  "
+                f"{run.load['ok']:>5} requests; {machine(run)}",
+                flush=True,
+            )
+    floor = pg_floor(args.pg_url)
+    print(
+        f"\n== floor: hold + settlement (group commit, c=1, no HTTP): p50 "
+        f"{floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms =="
+    )
+    print("\n== added vs direct at concurrency 1 (ms) ==")
+    summary: dict[str, Any] = {"pg_pair": floor}
+    for name, stream in (("json", False), ("stream", True)):
+        q50, q99 = ("ttft_p50_ms", "ttft_p99_ms") if stream else ("p50_ms", "p99_ms")
+        d, p, r = (c1[(name, t)].load for t in TARGETS)
+        hop50, hop99 = p[q50] - d[q50], p[q99] - d[q99]
+        add50, add99 = r[q50] - d[q50], r[q99] - d[q99]
+        floor50 = hop50 + floor["p50_ms"]
+        summary[name] = {
+            "added_p50": add50, "added_p99": add99, "hop_p50": hop50, "hop_p99": hop99,
+            "floor_p50": floor50,
+        }  # fmt: skip
+        what = "time to first token" if stream else "JSON latency"
+        print(
+            f"  {what:<20} relay added p50 {add50:+.2f} p99 {add99:+.2f} | bare hop p50 "
+            f"{hop50:+.2f} p99 {hop99:+.2f} | floor p50 (hop + hold + settlement) "
+            f"{floor50:+.2f} | relay above the floor at p50: {add50 - floor50:+.2f}"
+        )
+    return summary
+
+
+def rate_at_bound(args: argparse.Namespace, measure: Measure) -> dict[str, Any]:
+    """Part 3: JSON req/s at c = 1, 2, 4, … while p99 stays within the bound (the search goes
+    on past one level over it, so that one noisy window does not end it)."""
+    print(f"\n== JSON requests per second with p99 ≤ {args.p99_bound:g} ms ==")
+    best: dict[str, tuple[int, float, float]] = {}
+    for target in TARGETS:
+        c, misses = 1, 0
+        while c <= args.max_concurrency and misses < 2:
+            s = Scenario(f"rps-c{c}", f"json c={c}", False, c, args.rps_duration, 0.5)
+            run = measure(s, target)
+            rps, p99 = float(run.load["rps"]), float(run.load["p99_ms"] or 0)
+            within = p99 <= args.p99_bound and not run.load["errors"]
+            print(
+                f"  {target:<11} c={c:<4} {rps:8.0f} req/s p99 {p99:7.2f} ms "
+                f"{'' if within else '(over the bound)'}; {machine(run)}",
+                flush=True,
+            )
+            if within and rps > best.get(target, (0, 0.0, 0.0))[1]:
+                best[target] = (c, rps, p99)
+            misses = 0 if within else misses + 1
+            c *= 2
+    for target in TARGETS:
+        c, rps, p99 = best.get(target, (0, 0.0, 0.0))
+        print(f"  best {target:<11} {rps:8.0f} req/s (c={c}, p99 {p99:.2f} ms)")
+    return best
+
+
 def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="poolrelay-latency-"))
     stack = Stack(args, workdir)
@@ -151,76 +225,14 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  ! {target}: {run.load['errors']} errors {run.load['error_kinds']}")
             return run
 
-        # 1. concurrency 1
-        c1: dict[tuple[str, str], Run] = {}
-        print("\n== concurrency 1 ==  (ms)")
-        for name, stream in (("json", False), ("stream", True)):
-            s = Scenario(f"{name}-c1", f"{name} c=1", stream, 1, args.duration, 1.0)
-            for target in TARGETS:
-                run = c1[(name, target)] = measure(s, target)
-                lat = "ttft" if stream else ""
-                p50 = run.load[f"{lat}_p50_ms" if stream else "p50_ms"]
-                p99 = run.load[f"{lat}_p99_ms" if stream else "p99_ms"]
-                print(
-                    f"  {name:<6} {target:<11} {'TTFT' if stream else 'latency'} p50 "
-                    f"{fmt(p50, '{:.2f}'):>6} p99 {fmt(p99, '{:.2f}'):>7}  "
-                    f"{run.load['ok']:>5} requests; {machine(run)}",
-                    flush=True,
-                )
-
-        # 2. the floor
-        floor = pg_floor(args.pg_url)
-        print(
-            f"\n== floor: hold + settlement (group commit, c=1, no HTTP): p50 "
-            f"{floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms =="
-        )
-        print("\n== added vs direct at concurrency 1 (ms) ==")
-        summary: dict[str, Any] = {"pg_pair": floor}
-        for name, stream in (("json", False), ("stream", True)):
-            field = "ttft" if stream else ""
-            q50 = f"{field}_p50_ms" if stream else "p50_ms"
-            q99 = f"{field}_p99_ms" if stream else "p99_ms"
-            d, p, r = (c1[(name, t)].load for t in TARGETS)
-            hop50, hop99 = p[q50] - d[q50], p[q99] - d[q99]
-            add50, add99 = r[q50] - d[q50], r[q99] - d[q99]
-            floor50 = hop50 + floor["p50_ms"]
-            summary[name] = {
-                "added_p50": add50, "added_p99": add99, "hop_p50": hop50, "hop_p99": hop99,
-                "floor_p50": floor50,
-            }  # fmt: skip
-            what = "time to first token" if stream else "JSON latency"
-            print(
-                f"  {what:<20} relay added p50 {add50:+.2f} p99 {add99:+.2f} | bare hop p50 "
-                f"{hop50:+.2f} p99 {hop99:+.2f} | floor p50 (hop + hold + settlement) "
-                f"{floor50:+.2f} | relay above the floor at p50: {add50 - floor50:+.2f}"
-            )
-
-        # 3. requests per second at a p99 bound
-        print(f"\n== JSON requests per second with p99 ≤ {args.p99_bound:g} ms ==")
-        best: dict[str, tuple[int, float, float]] = {}
-        for target in TARGETS:
-            c = 1
-            while c <= args.max_concurrency:
-                s = Scenario(f"rps-c{c}", f"json c={c}", False, c, args.rps_duration, 0.5)
-                run = measure(s, target)
-                rps, p99 = float(run.load["rps"]), float(run.load["p99_ms"] or 0)
-                within = p99 <= args.p99_bound and not run.load["errors"]
-                print(
-                    f"  {target:<11} c={c:<4} {rps:8.0f} req/s p99 {p99:7.2f} ms "
-                    f"{'' if within else '(over the bound)'}; {machine(run)}",
-                    flush=True,
-                )
-                if within and rps > best.get(target, (0, 0.0, 0.0))[1]:
-                    best[target] = (c, rps, p99)
-                if not within:
-                    break
-                c *= 2
-        for target in TARGETS:
-            c, rps, p99 = best.get(target, (0, 0.0, 0.0))
-            print(f"  best {target:<11} {rps:8.0f} req/s (c={c}, p99 {p99:.2f} ms)")
-        summary["rps_at_bound"] = best
+        summary: dict[str, Any] = {}
+        if "c1" in args.parts:
+            summary.update(concurrency_1(args, measure))
+        if "rps" in args.parts:
+            summary["rps_at_bound"] = rate_at_bound(args, measure)
 
         billing = verify_billing(stack, relay, customer_id, relay_ok)
+
         ok = billing["usage_entries"] == billing["expected"] and billing["open_holds"] == 0
         print(
             f"\n== billing: {billing['usage_entries']} usage entries for {billing['expected']} "
@@ -254,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rps-duration", type=float, default=4.0, help="seconds per rate run")
     parser.add_argument("--p99-bound", type=float, default=50.0, help="ms")
     parser.add_argument("--max-concurrency", type=int, default=256)
+    parser.add_argument("--parts", default="c1,rps", help="c1 (with the floor), rps")
     args = parser.parse_args(argv)
     check_stack_args(parser, args)
     return args
