@@ -916,12 +916,7 @@ def start_passthrough(stack: Stack, watch: Watch, report: Report, fake: Server) 
     return server
 
 
-def setup(
-    stack: Stack, watch: Watch, report: Report, account_url: str | None = None
-) -> tuple[Server, Server, str, str]:
-    """Start the fake upstream and the relay, add the accounts (whose base URL is the fake's,
-    or ``account_url``) and a customer with a key; returns (fake, relay, customer id, key)."""
-
+def setup(stack: Stack, watch: Watch, report: Report) -> tuple[Server, Server, str, str]:
     def step(text: str) -> None:
         print(f"[setup] {text}", flush=True)
 
@@ -951,13 +946,10 @@ def setup(
 
     for i, credential in enumerate(CREDENTIALS, 1):
         stack.cli(
-            "accounts", "add", "--name", f"bench-{i}", "--base-url", account_url or fake.url,
+            "accounts", "add", "--name", f"bench-{i}", "--base-url", fake.url,
             "--max-concurrency", "1000", stdin=credential + "\n",
         )  # fmt: skip
-    step(
-        f"{len(CREDENTIALS)} upstream accounts on {account_url or fake.url} added"
-        " (max concurrency 1000)"
-    )
+    step(f"{len(CREDENTIALS)} upstream accounts added (max concurrency 1000)")
 
     relay_port = free_port()
     relay = stack.start(

@@ -49,8 +49,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.bench import streamgen, streams_bench
-from tests.bench.bench_relay import Stack, Watch
-from tests.bench.streams_bench import Bench, StreamRun, stream_body
+from tests.bench.bench_relay import Watch
+from tests.bench.streams_bench import Bench, ReplayStack, StreamRun, stream_body
 
 __all__ = ["add_stack_args", "check_stack_args", "fmt", "main", "stream_body"]
 
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = Path(tempfile.mkdtemp(prefix="poolrelay-streams-"))
-    stack = Stack(args, workdir)
+    stack = ReplayStack(args, workdir)
     watch = Watch(stack.dbname)
     started = time.monotonic()
     load0 = os.getloadavg()

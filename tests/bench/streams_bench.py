@@ -42,6 +42,21 @@ from tests.bench.bench_relay import (
 from tests.bench.bench_relay import Report as RelayReport
 
 SERVER_CPU, CLIENT_CPU = 0, 1
+
+
+class ReplayStack(Stack):
+    """A :class:`Stack` whose ``accounts add`` points the accounts at ``account_url`` (the
+    replay upstream) instead of the sandbox that :func:`setup` starts."""
+
+    account_url: str | None = None
+
+    def cli(self, *argv: str, stdin: str | None = None) -> str:
+        if self.account_url and argv[:2] == ("accounts", "add") and "--base-url" in argv:
+            at = argv.index("--base-url") + 1
+            argv = (*argv[:at], self.account_url, *argv[at + 1 :])
+        return super().cli(*argv, stdin=stdin)
+
+
 PINNING = True
 REALTIME = False  # --rt: the generator and the replay upstream under SCHED_FIFO
 
@@ -142,10 +157,14 @@ class Bench:
                 f"[setup] replay upstream (streamsrv.c) pid {proc.pid} on {upstream.url}",
                 flush=True,
             )
-        fake, relay, customer_id, key = setup(
-            self.stack, self.watch, report, upstream.url if upstream else None
-        )
+        if upstream is not None and isinstance(self.stack, ReplayStack):
+            self.stack.account_url = upstream.url
+        fake, relay, customer_id, key = setup(self.stack, self.watch, report)
         self.fake, self.relay, self.customer_id = fake, relay, customer_id
+        if upstream is not None:  # the relay's first request must have gone to the replay
+            stats = httpx.get(fake.url + "/_fake/stats").raise_for_status().json()
+            if stats["total"]:
+                raise RuntimeError("the relay's accounts point at the sandbox, not the replay")
         self.upstream = upstream or fake
         self.relay_ok = 1  # the setup request
         pinned = pin(fake.pid, CLIENT_CPU) and pin(relay.pid, SERVER_CPU)
