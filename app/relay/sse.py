@@ -9,13 +9,16 @@ dispatched at a blank line when it has data, and an event not closed by a blank 
 stream ends is dropped. Chunks may split anything, UTF-8 sequences included: text is decoded
 per complete line only. Each chunk is scanned once; an unfinished line is kept as a list of
 pieces, so a long line arriving in many chunks is not re-scanned or re-copied per chunk.
+:meth:`SSEParser.scan_deltas` is the byte scan for the common chunk (one or more whole
+``content_block_delta`` events, the parser between events): no line splitting at all.
 
 :class:`StreamMeter` follows an Anthropic Messages stream (spec §2). Only ``message_start``,
 ``message_delta`` and ``error`` are JSON-parsed (with orjson); ``ping`` and
 ``content_block_start``/``_stop`` are skipped, and ``content_block_delta`` (most of a stream) is
 only measured: its payload size is the event's data length less the fixed envelope of its
 delta kind, found by a substring test that cannot match inside a JSON string (a quote there is
-always escaped). Bad JSON and unexpected shapes are ignored, never raised.
+always escaped). Bad JSON and unexpected shapes are ignored, never raised. A chunk of whole
+deltas (most chunks of a stream) is metered by :meth:`SSEParser.scan_deltas`'s byte scan alone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from billing.pricing import Usage
 __all__ = ["SSEEvent", "SSEParser", "StreamMeter"]
 
 _BOM: Final = b"\xef\xbb\xbf"
+_DELTA_LINES: Final = b"event: content_block_delta\ndata: "
+_DELTA_HEAD: Final = len(_DELTA_LINES)
 
 
 @dataclass(slots=True)
@@ -43,7 +48,7 @@ class SSEEvent:
 class SSEParser:
     """Incremental SSE parser: feed byte chunks as they arrive, get complete events back."""
 
-    __slots__ = ("_data", "_event", "_first_line", "_partial", "_skip_lf")
+    __slots__ = ("_between", "_data", "_event", "_first_line", "_partial", "_skip_lf")
 
     def __init__(self) -> None:
         self._partial: list[bytes] = []  # pieces of the unfinished last line
@@ -51,6 +56,30 @@ class SSEParser:
         self._first_line = True
         self._event = b""
         self._data: list[bytes] | None = None
+        self._between = False  # between events, past the first line: scan_deltas may apply
+
+    def scan_deltas(self, chunk: bytes) -> list[bytes] | None:
+        """The byte scan: when the parser is between events and ``chunk`` is nothing but whole
+        events written ``event: content_block_delta\ndata: <one line>\n\n``, the data of
+        each, as :meth:`feed_raw` would return them (and the parser's state is what parsing
+        them would leave: between events); else None, and nothing is consumed.
+
+        Each event must hold exactly one newline before its blank line (the one between its
+        two lines), so nothing that parses differently can pass: a data value cannot hide a
+        line break or another field.
+        """
+        if not self._between or not chunk.startswith(_DELTA_LINES) or b"\r" in chunk:
+            return None
+        newlines = chunk.count(b"\n")
+        if newlines == 3:  # the usual chunk: one event
+            return [chunk[_DELTA_HEAD:-2]] if chunk.endswith(b"\n\n") else None
+        events = chunk.split(b"\n\n")
+        if events.pop() or newlines != 3 * len(events):  # must end with a blank line
+            return None
+        for event in events:
+            if not event.startswith(_DELTA_LINES) or event.count(b"\n") != 1:
+                return None
+        return [event[_DELTA_HEAD:] for event in events]
 
     def copy(self) -> SSEParser:
         twin = SSEParser()
@@ -78,6 +107,7 @@ class SSEParser:
         """
         if not chunk:
             return []
+        self._between = False
         if self._skip_lf:
             self._skip_lf = False
             if chunk[0] == 0x0A:
@@ -128,6 +158,9 @@ class SSEParser:
                     self._data.append(value)
             elif field == b"event":
                 self._event = value
+        self._between = (
+            not self._partial and self._data is None and not self._event and not self._skip_lf
+        )
         return events
 
 
@@ -203,6 +236,12 @@ class StreamMeter:
 
     def feed(self, chunk: bytes) -> None:
         """Parse a copy of ``chunk`` and update the state. Never raises on bad input."""
+        deltas = self._parser.scan_deltas(chunk)
+        if deltas is not None:  # whole content_block_delta events: counted, never parsed
+            self.deltas += len(deltas)
+            for data in deltas:
+                self.delta_text_bytes += _payload_bytes(data)
+            return
         for name, data in self._parser.feed_raw(chunk):
             if name == b"content_block_delta":
                 self.deltas += 1

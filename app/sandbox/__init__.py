@@ -121,6 +121,11 @@ Control API (not Anthropic's; no auth; JSON in and out)
   - ``slow``: waits ``delay`` (default 1 s) before the response headers, and between SSE deltas.
   - ``slow_stream``: headers at once, then ``delay`` (default 1 s) between SSE events (a JSON
     reply is delayed by ``delay`` once).
+  - ``paced``: a token-paced stream, as a model writes: headers and every event up to the
+    first ``content_block_delta`` at once, then ``delay`` (default 0.02 s) between content
+    deltas (the events after the last delta follow at once). A JSON reply is not delayed.
+    With ``reply with 64 words``: the 64-delta, 20 ms stream of the streams benchmark
+    (``tests/bench/streams.py``).
   - ``mid_stream_error``: a 200 SSE stream that sends ``after_events`` events (default 4,
     counting ``message_start``; never reaching ``message_delta``), then ``event: error`` with
     ``overloaded_error``, then ends. A non-streaming request gets 529 ``overloaded_error``.

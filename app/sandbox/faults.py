@@ -39,6 +39,7 @@ FAULT_KINDS: Final = frozenset(
         "overloaded",
         "slow",
         "slow_stream",
+        "paced",
         "mid_stream_error",
         "hang",
         "disconnect",

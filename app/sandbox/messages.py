@@ -125,6 +125,8 @@ class MessageRoutes:
                 gap = delay
             elif fault.kind == "slow_stream":
                 gap, gap_all_events = delay, True
+            elif fault.kind == "paced":
+                gap = 0.02 if fault.delay is None else fault.delay
             elif fault.kind == "mid_stream_error":
                 error_after = fault.after_events
 

@@ -198,6 +198,27 @@ async def test_slow_faults(client: httpx.AsyncClient) -> None:
     assert events[-1][0] == "message_stop"
 
 
+async def test_paced_fault(client: httpx.AsyncClient) -> None:
+    """``paced``: no wait before the headers or the first delta, ``delay`` between deltas."""
+    await fault(client, fault="paced", delay=0.01, times=2)
+    t = time.perf_counter()
+    assert (await post(client, body("reply with 5 words"))).status_code == 200
+    assert time.perf_counter() - t < 0.5  # a JSON reply is not paced
+    t = time.perf_counter()
+    r = await post(client, body("reply with 6 words", stream=True))
+    assert time.perf_counter() - t >= 0.01 * 5  # between 6 deltas
+    events = parse_sse(r.content)
+    assert [n for n, _ in events] == [
+        *ORDER,
+        *["content_block_delta"] * 6,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert streamed_text(events) == "Hello from the fake upstream. You"
+    assert (await client.get("/_fake/faults")).json()["faults"] == {}
+
+
 async def test_mid_stream_error(client: httpx.AsyncClient) -> None:
     await fault(client, fault="mid_stream_error", times=3)
     r = await post(client, body(stream=True))
