@@ -167,3 +167,14 @@ def test_whatever_the_scan_accepts_parses_the_same(before: list[bytes], chunk: b
     parsed = reference.feed_raw(chunk)
     assert parsed == [(b"content_block_delta", data) for data in scanned]
     assert state(parser) == state(reference)
+
+
+def test_a_copied_parser_keeps_the_fast_scan() -> None:
+    """A copy (the stream's careful path tries a chunk on one) is in the same state, the
+    between-events flag included, and parses the next chunk the same way."""
+    parser = SSEParser()
+    parser.feed_raw(b"event: message_start\ndata: {}\n\n")
+    twin = parser.copy()
+    assert twin._between == parser._between
+    chunk = b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n'
+    assert twin.feed_raw(chunk) == parser.feed_raw(chunk)

@@ -88,6 +88,7 @@ class SSEParser:
         twin._first_line = self._first_line
         twin._event = self._event
         twin._data = None if self._data is None else list(self._data)
+        twin._between = self._between
         return twin
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
