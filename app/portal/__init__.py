@@ -14,28 +14,19 @@ page's inline script and style by hash, fetches to this origin only, nothing els
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
 
 from fastapi import APIRouter
 from starlette.responses import HTMLResponse
 
-from app.admin.ui import content_security_policy
+from app.admin.ui import page_headers, read_page
 
 router = APIRouter()
 
 
 @lru_cache(maxsize=1)
 def _page() -> tuple[bytes, dict[str, str]]:
-    html = (resources.files("app.portal") / "static" / "portal.html").read_text(encoding="utf-8")
-    headers = {
-        "Cache-Control": "no-store",
-        "Content-Security-Policy": content_security_policy(html),
-        "X-Content-Type-Options": "nosniff",
-        "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
-        "Cross-Origin-Opener-Policy": "same-origin",
-    }
-    return html.encode("utf-8"), headers
+    html = read_page("app.portal", "portal.html")
+    return html.encode("utf-8"), page_headers(html)
 
 
 @router.get("/portal", include_in_schema=False)
