@@ -70,9 +70,12 @@ def read_page(package: str, name: str) -> str:
     return _INCLUDE.sub(common, html)
 
 
-def page_headers(html: str) -> dict[str, str]:
-    """The headers a static page goes out with: never cached, and its strict CSP."""
-    return {
+@lru_cache(maxsize=8)
+def static_page(package: str, name: str) -> tuple[bytes, dict[str, str]]:
+    """A page (:func:`read_page`) read once, with the headers it goes out with: never cached,
+    and its strict CSP."""
+    html = read_page(package, name)
+    headers = {
         "Cache-Control": "no-store",
         "Content-Security-Policy": content_security_policy(html),
         "X-Content-Type-Options": "nosniff",
@@ -80,15 +83,10 @@ def page_headers(html: str) -> dict[str, str]:
         "Referrer-Policy": "no-referrer",
         "Cross-Origin-Opener-Policy": "same-origin",
     }
-
-
-@lru_cache(maxsize=1)
-def _page() -> tuple[bytes, dict[str, str]]:
-    html = read_page("app.admin", "dashboard.html")
-    return html.encode("utf-8"), page_headers(html)
+    return html.encode("utf-8"), headers
 
 
 @router.get("/admin/ui", include_in_schema=False)
 async def dashboard() -> HTMLResponse:
-    body, headers = _page()
+    body, headers = static_page("app.admin", "dashboard.html")
     return HTMLResponse(body, headers=headers)

@@ -13,23 +13,15 @@ page's inline script and style by hash, fetches to this origin only, nothing els
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from fastapi import APIRouter
 from starlette.responses import HTMLResponse
 
-from app.admin.ui import page_headers, read_page
+from app.admin.ui import static_page
 
 router = APIRouter()
 
 
-@lru_cache(maxsize=1)
-def _page() -> tuple[bytes, dict[str, str]]:
-    html = read_page("app.portal", "portal.html")
-    return html.encode("utf-8"), page_headers(html)
-
-
 @router.get("/portal", include_in_schema=False)
 async def portal() -> HTMLResponse:
-    body, headers = _page()
+    body, headers = static_page("app.portal", "portal.html")
     return HTMLResponse(body, headers=headers)
