@@ -46,16 +46,7 @@ async def owning_account(services: Services, account_id: str) -> LiveAccount | N
         credential = services.cipher.decrypt(row.credential_ciphertext)
     except CredentialError:
         return None
-    return LiveAccount(
-        id=row.id,
-        name=row.name,
-        base_url=row.base_url.rstrip("/"),
-        group=row.group,
-        models=tuple(row.models) if row.models else None,
-        max_concurrency=row.max_concurrency,
-        weight=row.weight,
-        credential=credential,
-    )
+    return LiveAccount.of(row, credential)
 
 
 async def send_to_owner(

@@ -203,6 +203,20 @@ class LiveAccount:
     weight: float
     credential: Secret
 
+    @classmethod
+    def of(cls, row: UpstreamAccount, credential: Secret) -> LiveAccount:
+        """The account a row describes, with its decrypted credential."""
+        return cls(
+            id=row.id,
+            name=row.name,
+            base_url=row.base_url.rstrip("/"),
+            group=row.group,
+            models=tuple(row.models) if row.models else None,
+            max_concurrency=row.max_concurrency,
+            weight=row.weight,
+            credential=credential,
+        )
+
     def allows(self, model: str) -> bool:
         return patterns.allows(self.models, model)
 
@@ -287,16 +301,7 @@ class AccountDirectory:
                 credential = self._cipher.decrypt(row.credential_ciphertext)
             except CredentialError:
                 continue  # reported by the health view; never served
-            live[row.id] = LiveAccount(
-                id=row.id,
-                name=row.name,
-                base_url=row.base_url.rstrip("/"),
-                group=row.group,
-                models=tuple(row.models) if row.models else None,
-                max_concurrency=row.max_concurrency,
-                weight=row.weight,
-                credential=credential,
-            )
+            live[row.id] = LiveAccount.of(row, credential)
         self._accounts = live
         self._loaded_at = started
 

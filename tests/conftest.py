@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,18 @@ def relay(settings_env: dict[str, str], fake: FakeUpstream) -> Iterator[RelaySer
     server = RelayServer.start(test_settings(settings_env))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def start_relay(settings_env: dict[str, str], fake: FakeUpstream) -> Iterator[Any]:
+    """Start a relay with settings overrides (stopped at the end of the test)."""
+    started: list[RelayServer] = []
+
+    def start(**overrides: Any) -> RelayServer:
+        server = RelayServer.start(test_settings(settings_env, **overrides))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

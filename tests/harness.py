@@ -230,6 +230,16 @@ class RelayServer(ThreadServer):
         return result
 
 
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Whether ``predicate`` comes true within ``timeout`` seconds (polled every ``step``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 def test_settings(env: dict[str, str], **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "database_url": env["POOLRELAY_DATABASE_URL"],

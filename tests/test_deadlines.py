@@ -16,7 +16,7 @@ thinks, a stream that breaks, a stream that runs too long.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -25,27 +25,12 @@ import pytest
 
 from app.relay.forward import HeaderBudget, header_budget
 from app.settings import Settings
-from tests import harness
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import FakeUpstream, RelayServer, eventually
 
 MODEL = "claude-haiku-4-5"
 KEY_A = "sk-ant-api03-deadline-aaaa-0000000001"
 KEY_B = "sk-ant-api03-deadline-bbbb-0000000002"
 HEADERS = {"anthropic-version": "2023-06-01"}
-
-
-@pytest.fixture
-def start_relay(settings_env: dict[str, str], fake: FakeUpstream) -> Iterator[Any]:
-    started: list[RelayServer] = []
-
-    def start(**overrides: Any) -> RelayServer:
-        server = RelayServer.start(harness.test_settings(settings_env, **overrides))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def body(*, stream: bool = False, max_tokens: int = 16, text: str = "Hello deadline") -> Any:
@@ -106,15 +91,6 @@ def open_upstream_requests(fake: FakeUpstream, credential: str) -> int:
 
 def held_usd(relay: RelayServer, customer_id: str) -> str:
     return str(relay.customer(customer_id)["held_usd"])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def failovers(relay: RelayServer, reason: str) -> float:
@@ -201,7 +177,7 @@ def test_a_hanging_account_is_failed_over_within_the_deadline_and_counted(
         assert elapsed < 1.5, f"failover took {elapsed:.2f} s"
         assert fake.count(KEY_A) == i + 1 and fake.count(KEY_B) == i + 1
         # the hanging attempt's connection was closed (the sandbox saw it go)
-        assert wait_for(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)
+        assert eventually(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)
         if i < 2:
             assert breaker(relay).get(accounts(relay)["hang"]["id"]) == i + 1
     # the third timeout within the breaker's window quarantines it
@@ -231,8 +207,8 @@ def test_when_every_account_hangs_the_customer_gets_529_within_the_deadline(
     assert (fake.count(KEY_A), fake.count(KEY_B)) == (1, 1)
     ids = {a["id"] for a in accounts(relay).values()}
     assert all(breaker(relay).get(i) == 1 for i in ids)
-    assert wait_for(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)
-    assert wait_for(lambda: open_upstream_requests(fake, KEY_B) == 0, 2.0)
+    assert eventually(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)
+    assert eventually(lambda: open_upstream_requests(fake, KEY_B) == 0, 2.0)
     assert held_usd(relay, customer_id) == "0.000000"
     [logged] = requests_log(relay, customer_id)
     assert logged["status"] == "failed" and logged["http_status"] == 529
@@ -262,10 +238,10 @@ def test_a_client_that_leaves_while_the_upstream_hangs_releases_everything_at_on
             timeout=httpx.Timeout(10, read=1.0),
         )
     left = time.monotonic()
-    assert wait_for(lambda: held_usd(relay, customer_id) == "0.000000", 2.0), "hold kept"
+    assert eventually(lambda: held_usd(relay, customer_id) == "0.000000", 2.0), "hold kept"
     assert time.monotonic() - left < 2.0
     assert accounts(relay)["a"]["in_flight"] == 0
-    assert wait_for(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0), "upstream kept"
+    assert eventually(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0), "upstream kept"
     [logged] = requests_log(relay, customer_id)
     assert logged["status"] == "client_disconnect"
     assert "before the upstream answered" in logged["error"]
@@ -303,7 +279,7 @@ def test_mid_stream_failures_count_toward_the_breaker_and_a_disconnect_does_not(
         fake.fault(KEY_A, "mid_stream_error", after_events=3)
         _, events = stream_events(relay, key, body(stream=True))
         assert sum(e.startswith(b"event: error") for e in events) == 1
-        assert wait_for(lambda i=i: breaker(relay).get(account_id) == i, 2.0)  # type: ignore[misc]
+        assert eventually(lambda i=i: breaker(relay).get(account_id) == i, 2.0)  # type: ignore[misc]
         assert accounts(relay)["a"]["status"] == "active"
     # a client that leaves mid-stream is no failure of the account
     fake.fault(KEY_A, "slow_stream", delay=0.2)
@@ -324,7 +300,7 @@ def test_mid_stream_failures_count_toward_the_breaker_and_a_disconnect_does_not(
     # the third broken stream within the window trips it
     fake.fault(KEY_A, "mid_stream_error", after_events=3)
     stream_events(relay, key, body(stream=True))
-    assert wait_for(lambda: accounts(relay)["a"]["status"] == "quarantined", 2.0)
+    assert eventually(lambda: accounts(relay)["a"]["status"] == "quarantined", 2.0)
     assert accounts(relay)["a"]["quarantine_reason"] == "upstream_errors"
 
 
@@ -348,7 +324,7 @@ def test_a_stream_past_max_request_seconds_ends_with_one_error_event_and_is_char
     assert "longest time the relay allows" in error["error"]["message"]
     assert not any(e.startswith(b"event: message_stop") for e in events)
     # charged what it used, nothing held, and logged as cut short by the relay
-    assert wait_for(lambda: held_usd(relay, customer_id) == "0.000000", 2.0)
+    assert eventually(lambda: held_usd(relay, customer_id) == "0.000000", 2.0)
     debits = [e for e in relay.ledger(customer_id) if e["kind"] == "usage"]
     assert len(debits) == 1 and debits[0]["request_id"] == request_id
     assert debits[0]["amount_usd"].startswith("-")
@@ -359,4 +335,4 @@ def test_a_stream_past_max_request_seconds_ends_with_one_error_event_and_is_char
     # the relay ended it: not the account's failure
     assert breaker(relay).get(account_id) is None
     assert accounts(relay)["a"]["status"] == "active"
-    assert wait_for(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)
+    assert eventually(lambda: open_upstream_requests(fake, KEY_A) == 0, 2.0)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
 
-from tests import harness
-from tests.harness import ACCOUNT_FIELDS, FakeUpstream, RelayServer
+from tests.harness import ACCOUNT_FIELDS, FakeUpstream, RelayServer, eventually
 from workers.tasks import probe_accounts
 
 MODEL = "claude-haiku-4-5"
@@ -77,30 +76,6 @@ def last_credential(fake: FakeUpstream) -> str | None:
 def counts(fake: FakeUpstream, *keys: str) -> tuple[int, ...]:
     stats = fake.stats()["requests"]
     return tuple(int(stats.get(k, 0)) for k in keys)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
-@pytest.fixture
-def start_relay(settings_env: dict[str, str], fake: FakeUpstream) -> Iterator[Any]:
-    """Start a relay with settings overrides (stopped at the end of the test)."""
-    started: list[RelayServer] = []
-
-    def start(**overrides: Any) -> RelayServer:
-        server = RelayServer.start(harness.test_settings(settings_env, **overrides))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 # --- failover, one fault kind at a time -------------------------------------------------------
@@ -337,7 +312,7 @@ def test_rate_limited_quarantine_ends_by_itself(relay: RelayServer, fake: FakeUp
         assert accounts(relay)["a"]["quarantine_reason"] == "rate_limited"
         ask(client)
         assert counts(fake, KEY_A, KEY_B) == (1, 2)
-        assert wait_for(lambda: accounts(relay)["a"]["status"] == "active", timeout=5)
+        assert eventually(lambda: accounts(relay)["a"]["status"] == "active", timeout=5, step=0.1)
         time.sleep(1.3)  # past the requests bucket's reset the 429 reported, too
         ask(client)
         assert counts(fake, KEY_A, KEY_B) == (2, 2), "the account did not come back"

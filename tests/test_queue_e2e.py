@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
@@ -23,29 +22,14 @@ import httpx
 import httpx2
 import pytest
 
-from tests import harness
 from tests.conftest import needs_postgres_and_redis
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import FakeUpstream, RelayServer, eventually
 
 MODEL = "claude-haiku-4-5"
 KEY_A = "sk-ant-api03-queue-aaaa-000000000001"
 KEY_B = "sk-ant-api03-queue-bbbb-000000000002"
 POOL_QUEUE = "poolrelay:{pool}:wq"
 QUEUE_MS = "x-poolrelay-queue-ms"
-
-
-@pytest.fixture
-def start_relay(settings_env: dict[str, str], fake: FakeUpstream) -> Iterator[Any]:
-    started: list[RelayServer] = []
-
-    def start(**overrides: Any) -> RelayServer:
-        server = RelayServer.start(harness.test_settings(settings_env, **overrides))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def payload(text: str, *, stream: bool = False, max_tokens: int = 16) -> dict[str, Any]:
@@ -100,15 +84,6 @@ def in_flight(relay: RelayServer) -> dict[str, int]:
     return {item["name"]: item["in_flight"] for item in items}
 
 
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def settled(relay: RelayServer, customer_id: str) -> bool:
     return relay.customer(customer_id)["held_usd"] == "0.000000"
 
@@ -129,6 +104,37 @@ def key_slots_taken(relay: RelayServer, key_id: str) -> int:
 
 
 # --- the pool's caps --------------------------------------------------------------------------
+
+
+def leaver_and_stayer(
+    relay: RelayServer, key: str, kind: str, queue: str
+) -> tuple[dict[str, Any], httpx.Response, httpx.Response, bytes]:
+    """A holder streams (~2.1 s) in the only slot of ``kind`` ("pool" or "key"); a leaver
+    waits and gives up after 0.6 s; a stayer waits behind it. What the wait gauge and the
+    Redis ``queue`` showed with both waiting and after the leaver left, the holder's response
+    and the stayer's response and body."""
+    seen: dict[str, Any] = {}
+
+    async def main() -> tuple[Any, Any]:
+        holder = asyncio.create_task(post(relay, key, payload("holder", stream=True)))
+        await asyncio.sleep(0.3)
+        leaver = asyncio.create_task(
+            post(relay, key, payload("leaver", stream=True), client_timeout=0.6)
+        )
+        await asyncio.sleep(0.1)
+        stayer = asyncio.create_task(post(relay, key, payload("stayer", stream=True)))
+        await asyncio.to_thread(eventually, lambda: waiting(relay, kind) == 2, 0.4)
+        seen["both waiting"] = (waiting(relay, kind), redis_call(relay, "zcard", queue))
+        with pytest.raises(httpx.ReadTimeout):
+            await leaver
+        # the holder still streams meanwhile
+        await asyncio.to_thread(eventually, lambda: waiting(relay, kind) == 1, 1.0)
+        seen["one left"] = (waiting(relay, kind), redis_call(relay, "zcard", queue))
+        seen["holder still running"] = not holder.done()
+        return await holder, await stayer
+
+    (held, _, _), (stayed, stayed_body, _) = asyncio.run(main())
+    return seen, held, stayed, stayed_body
 
 
 def test_a_request_waits_for_the_accounts_slot_then_goes(
@@ -254,27 +260,7 @@ def test_a_waiting_client_that_disconnects_leaves_the_queue(
     relay.add_account("capped", KEY_A, fake.url, max_concurrency=1)
     customer_id, key = relay.create_customer(balance_usd="5")
     fake.fault(KEY_A, "slow_stream", delay=0.3)  # ~2.1 s
-    seen: dict[str, Any] = {}
-
-    async def main() -> tuple[Any, Any]:
-        holder = asyncio.create_task(post(relay, key, payload("holder", stream=True)))
-        await asyncio.sleep(0.3)
-        leaver = asyncio.create_task(
-            post(relay, key, payload("leaver", stream=True), client_timeout=0.6)
-        )
-        await asyncio.sleep(0.1)
-        stayer = asyncio.create_task(post(relay, key, payload("stayer", stream=True)))
-        await asyncio.to_thread(eventually, lambda: waiting(relay, "pool") == 2, 0.4)
-        seen["both waiting"] = (waiting(relay, "pool"), redis_call(relay, "zcard", POOL_QUEUE))
-        with pytest.raises(httpx.ReadTimeout):
-            await leaver
-        # the holder still streams meanwhile
-        await asyncio.to_thread(eventually, lambda: waiting(relay, "pool") == 1, 1.0)
-        seen["one left"] = (waiting(relay, "pool"), redis_call(relay, "zcard", POOL_QUEUE))
-        seen["holder still running"] = not holder.done()
-        return await holder, await stayer
-
-    (held, _, _), (stayed, stayed_body, _) = asyncio.run(main())
+    seen, held, stayed, stayed_body = leaver_and_stayer(relay, key, "pool", POOL_QUEUE)
     assert seen["both waiting"] == (2, 2)
     assert seen["one left"] == (1, 1) and seen["holder still running"]
     assert held.status_code == 200
@@ -425,26 +411,7 @@ def test_a_client_waiting_for_its_keys_slot_that_disconnects_leaves_the_queue(
     key_id, key = add_key(relay, customer_id, max_concurrency=1)
     fake.fault(KEY_A, "slow_stream", delay=0.3)  # ~2.1 s
     key_queue = f"poolrelay:kc:{{{key_id}}}:wq"
-    seen: dict[str, Any] = {}
-
-    async def main() -> tuple[Any, Any]:
-        holder = asyncio.create_task(post(relay, key, payload("holder", stream=True)))
-        await asyncio.sleep(0.3)
-        leaver = asyncio.create_task(
-            post(relay, key, payload("leaver", stream=True), client_timeout=0.6)
-        )
-        await asyncio.sleep(0.1)
-        stayer = asyncio.create_task(post(relay, key, payload("stayer", stream=True)))
-        await asyncio.to_thread(eventually, lambda: waiting(relay, "key") == 2, 0.4)
-        seen["both waiting"] = (waiting(relay, "key"), redis_call(relay, "zcard", key_queue))
-        with pytest.raises(httpx.ReadTimeout):
-            await leaver
-        await asyncio.to_thread(eventually, lambda: waiting(relay, "key") == 1, 1.0)
-        seen["one left"] = (waiting(relay, "key"), redis_call(relay, "zcard", key_queue))
-        seen["holder still running"] = not holder.done()
-        return await holder, await stayer
-
-    (held, _, _), (stayed, body, _) = asyncio.run(main())
+    seen, held, stayed, body = leaver_and_stayer(relay, key, "key", key_queue)
     assert seen["both waiting"] == (2, 2)
     assert seen["one left"] == (1, 1) and seen["holder still running"]
     assert held.status_code == 200 and stayed.status_code == 200

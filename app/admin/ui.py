@@ -6,7 +6,8 @@ browser never sends to a server) or from a sign-in form, keeps it in ``sessionSt
 it from the address bar and calls the admin API with ``Authorization: Bearer``: every byte of
 data still passes ``require_admin``.
 
-The HTML, with its inline ``<style>`` and ``<script>``, is read once and served with
+The HTML, with its inline ``<style>`` and ``<script>``, is read once (:func:`read_page`, which
+inlines the CSS and script helpers it shares with the customer portal) and served with
 ``Cache-Control: no-store`` and a Content-Security-Policy that allows exactly those inline
 blocks by their SHA-256 hashes (no ``'unsafe-inline'``), fetches to this origin only, and
 nothing else: no frames, no form targets, no plugins, no external anything.
@@ -52,10 +53,28 @@ def content_security_policy(html: str) -> str:
     return "; ".join(directives)
 
 
-@lru_cache(maxsize=1)
-def _page() -> tuple[bytes, dict[str, str]]:
-    source = resources.files("app.admin") / "static" / "dashboard.html"
-    html = source.read_text(encoding="utf-8")
+_INCLUDE = re.compile(r"^[ \t]*/\* include: (common\.css|common\.js) \*/$", re.MULTILINE)
+
+
+def read_page(package: str, name: str) -> str:
+    """A page from ``package``'s ``static`` folder, with each ``/* include: common.css */`` or
+    ``/* include: common.js */`` line replaced by that file (here, beside the dashboard): the
+    style and script helpers the dashboard and the customer portal share. Inlined, they stay
+    under the page's CSP hashes."""
+    static = resources.files("app.admin") / "static"
+
+    def common(match: re.Match[str]) -> str:
+        return (static / match.group(1)).read_text(encoding="utf-8").rstrip("\n")
+
+    html = (resources.files(package) / "static" / name).read_text(encoding="utf-8")
+    return _INCLUDE.sub(common, html)
+
+
+@lru_cache(maxsize=8)
+def static_page(package: str, name: str) -> tuple[bytes, dict[str, str]]:
+    """A page (:func:`read_page`) read once, with the headers it goes out with: never cached,
+    and its strict CSP."""
+    html = read_page(package, name)
     headers = {
         "Cache-Control": "no-store",
         "Content-Security-Policy": content_security_policy(html),
@@ -69,5 +88,5 @@ def _page() -> tuple[bytes, dict[str, str]]:
 
 @router.get("/admin/ui", include_in_schema=False)
 async def dashboard() -> HTMLResponse:
-    body, headers = _page()
+    body, headers = static_page("app.admin", "dashboard.html")
     return HTMLResponse(body, headers=headers)

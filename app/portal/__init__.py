@@ -13,32 +13,15 @@ page's inline script and style by hash, fetches to this origin only, nothing els
 
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib import resources
-
 from fastapi import APIRouter
 from starlette.responses import HTMLResponse
 
-from app.admin.ui import content_security_policy
+from app.admin.ui import static_page
 
 router = APIRouter()
 
 
-@lru_cache(maxsize=1)
-def _page() -> tuple[bytes, dict[str, str]]:
-    html = (resources.files("app.portal") / "static" / "portal.html").read_text(encoding="utf-8")
-    headers = {
-        "Cache-Control": "no-store",
-        "Content-Security-Policy": content_security_policy(html),
-        "X-Content-Type-Options": "nosniff",
-        "X-Frame-Options": "DENY",
-        "Referrer-Policy": "no-referrer",
-        "Cross-Origin-Opener-Policy": "same-origin",
-    }
-    return html.encode("utf-8"), headers
-
-
 @router.get("/portal", include_in_schema=False)
 async def portal() -> HTMLResponse:
-    body, headers = _page()
+    body, headers = static_page("app.portal", "portal.html")
     return HTMLResponse(body, headers=headers)

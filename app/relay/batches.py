@@ -28,7 +28,8 @@ from app.errors import ApiError, to_api_error
 from app.owned import owning_account, send_to_owner
 from app.relay.batch_create import BatchCreator, rewrite
 from app.relay.owned_api import (
-    PassThrough,
+    Forwarded,
+    OwnedApi,
     answer,
     call_owner,
     json_of,
@@ -37,10 +38,10 @@ from app.relay.owned_api import (
     page_body,
     read_answer,
     relay_base,
+    stream_answer,
 )
 from app.relay.service import Relay
 from app.state import Services
-from billing.customers import KeyContext
 from billing.errors import BillingError
 from billing.ids import new_id
 from billing.models import utcnow
@@ -53,7 +54,13 @@ log = logging.getLogger("poolrelay.batches")
 REFRESH_CONCURRENCY: Final = 8
 
 
-class BatchApi:
+class BatchApi(OwnedApi[MessageBatch]):
+    model = MessageBatch
+    id_param = "batch_id"
+    path = "/v1/messages/batches"
+    noun = "Message Batch"
+    what = "batch"
+
     def __init__(self, services: Services, relay: Relay) -> None:
         self.services = services
         self.relay = relay
@@ -76,13 +83,6 @@ class BatchApi:
 
         self._settling[batch.id] = asyncio.create_task(settle())
 
-    async def _own(self, key: KeyContext, batch_id: str) -> MessageBatch:
-        async with self.services.db.transaction() as session:
-            batch = await session.get(MessageBatch, batch_id)
-        if batch is None or batch.customer_id != key.customer_id or batch.deleted_at is not None:
-            raise errors.not_found(f"Message Batch not found: {batch_id}")
-        return batch
-
     async def create(self, request: Request) -> Response:
         return await self.creator.create(request)
 
@@ -90,16 +90,10 @@ class BatchApi:
 
     async def _on_batch(self, request: Request, method: str, suffix: str = "") -> Response:
         """Retrieve (GET) or cancel (POST …/cancel): forwarded to the owning account."""
-        request_id = new_id("req")
-        try:
-            key = await self.services.keys.authenticate(request.headers)
-            batch = await self._own(key, request.path_params["batch_id"])
-            account = await owner_of(self.services, batch.account_id, "batch")
-            upstream = await call_owner(
-                self.services, account, request, method, f"/v1/messages/batches/{batch.id}{suffix}"
-            )
-        except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
+        forwarded = await self._forward(request, method, suffix)
+        if not isinstance(forwarded, Forwarded):
+            return forwarded
+        request_id, batch, upstream = forwarded.request_id, forwarded.found, forwarded.upstream
         content = await read_answer(upstream)
         data = json_of(content)
         if upstream.status_code == 200 and isinstance(data, dict):
@@ -148,19 +142,10 @@ class BatchApi:
         return answer(upstream, content, request_id)
 
     async def results(self, request: Request) -> Response:
-        request_id = new_id("req")
-        try:
-            key = await self.services.keys.authenticate(request.headers)
-            batch = await self._own(key, request.path_params["batch_id"])
-            account = await owner_of(self.services, batch.account_id, "batch")
-            upstream = await call_owner(
-                self.services, account, request, "GET", f"/v1/messages/batches/{batch.id}/results"
-            )
-        except (ApiError, BillingError, PoolError) as exc:
-            return errors.anthropic_response(to_api_error(exc), request_id)
-        if upstream.status_code != 200:
-            return answer(upstream, await read_answer(upstream), request_id)
-        return PassThrough(upstream, request_id)
+        forwarded = await self._forward(request, "GET", "/results")
+        if not isinstance(forwarded, Forwarded):
+            return forwarded
+        return await stream_answer(forwarded.upstream, forwarded.request_id)
 
     # -- list -----------------------------------------------------------------------------------
 

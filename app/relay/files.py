@@ -24,17 +24,16 @@ from app.errors import ApiError, to_api_error
 from app.owned import send_to_owner
 from app.relay.forward import on_failure
 from app.relay.owned_api import (
-    PassThrough,
+    Forwarded,
+    OwnedApi,
     answer,
-    call_owner,
     json_of,
     owned_page,
-    owner_of,
     page_body,
     read_answer,
+    stream_answer,
 )
 from app.state import Services
-from billing.customers import KeyContext
 from billing.errors import BillingError
 from billing.ids import new_id
 from billing.models import utcnow
@@ -53,16 +52,15 @@ class _ClientLeft(Exception):
     pass
 
 
-class FileApi:
+class FileApi(OwnedApi[UpstreamFile]):
+    model = UpstreamFile
+    id_param = "file_id"
+    path = "/v1/files"
+    noun = "File"
+    what = "file"
+
     def __init__(self, services: Services) -> None:
         self.services = services
-
-    async def _own(self, key: KeyContext, file_id: str) -> UpstreamFile:
-        async with self.services.db.transaction() as session:
-            found = await session.get(UpstreamFile, file_id)
-        if found is None or found.customer_id != key.customer_id or found.deleted_at is not None:
-            raise errors.not_found(f"File not found: {file_id}")
-        return found
 
     async def upload(self, request: Request) -> Response:
         services = self.services
@@ -198,37 +196,24 @@ class FileApi:
         headers = errors.relay_headers(request_id, 200, None)
         return Response(orjson.dumps(body), 200, headers, media_type="application/json")
 
-    async def _forward(self, request: Request, method: str, suffix: str = "") -> Any:
-        request_id = new_id("req")
-        try:
-            key = await self.services.keys.authenticate(request.headers)
-            found = await self._own(key, request.path_params["file_id"])
-            account = await owner_of(self.services, found.account_id, "file")
-            upstream = await call_owner(
-                self.services, account, request, method, f"/v1/files/{found.id}{suffix}"
-            )
-        except (ApiError, BillingError, PoolError) as exc:
-            return request_id, None, errors.anthropic_response(to_api_error(exc), request_id)
-        return request_id, found, upstream
-
     async def metadata(self, request: Request) -> Response:
-        request_id, _found, upstream = await self._forward(request, "GET")
-        if isinstance(upstream, Response):
-            return upstream
-        return answer(upstream, await read_answer(upstream), request_id)
+        forwarded = await self._forward(request, "GET")
+        if not isinstance(forwarded, Forwarded):
+            return forwarded
+        upstream = forwarded.upstream
+        return answer(upstream, await read_answer(upstream), forwarded.request_id)
 
     async def content(self, request: Request) -> Response:
-        request_id, _found, upstream = await self._forward(request, "GET", "/content")
-        if isinstance(upstream, Response):
-            return upstream
-        if upstream.status_code != 200:
-            return answer(upstream, await read_answer(upstream), request_id)
-        return PassThrough(upstream, request_id)
+        forwarded = await self._forward(request, "GET", "/content")
+        if not isinstance(forwarded, Forwarded):
+            return forwarded
+        return await stream_answer(forwarded.upstream, forwarded.request_id)
 
     async def delete(self, request: Request) -> Response:
-        request_id, found, upstream = await self._forward(request, "DELETE")
-        if isinstance(upstream, Response):
-            return upstream
+        forwarded = await self._forward(request, "DELETE")
+        if not isinstance(forwarded, Forwarded):
+            return forwarded
+        request_id, found, upstream = forwarded.request_id, forwarded.found, forwarded.upstream
         content = await read_answer(upstream)
         if upstream.status_code in (200, 404):  # gone upstream either way
             async with self.services.db.transaction() as session:

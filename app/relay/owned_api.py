@@ -1,5 +1,6 @@
 """What the Batches and Files endpoints share: the relay's own URL, list pages over the
-customer's own objects, calls to the owning account, and streaming an answer through.
+customer's own objects, calls to the owning account (:class:`OwnedApi`), and streaming an
+answer through.
 
 A customer's list is the relay's (its objects may live on several accounts): newest first by
 creation, paged as Anthropic pages (``limit`` 1–1000, default 20, ``after_id``, ``before_id``;
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -23,12 +25,19 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app import errors
+from app.errors import ApiError, to_api_error
 from app.owned import owning_account, send_to_owner
 from app.state import Services
+from billing.customers import KeyContext
+from billing.errors import BillingError
+from billing.ids import new_id
+from billing.owned import MessageBatch, UpstreamFile
 from pool.accounts import LiveAccount
+from pool.errors import PoolError
 from pool.upstream import TRANSPORT_ERRORS, UpstreamResponse, customer_headers
 
 T = TypeVar("T", bound=SQLModel)
+OwnedT = TypeVar("OwnedT", MessageBatch, UpstreamFile)
 
 
 def relay_base(request: Request) -> str:
@@ -202,3 +211,55 @@ class PassThrough(Response):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
             await self.upstream.aclose()
+
+
+async def stream_answer(upstream: UpstreamResponse, request_id: str) -> Response:
+    """A 200 streamed through as it arrives (batch results, file content); anything else read
+    and answered whole."""
+    if upstream.status_code != 200:
+        return answer(upstream, await read_answer(upstream), request_id)
+    return PassThrough(upstream, request_id)
+
+
+@dataclass(frozen=True)
+class Forwarded(Generic[OwnedT]):
+    request_id: str
+    found: OwnedT
+    upstream: UpstreamResponse
+
+
+class OwnedApi(Generic[OwnedT]):
+    """A customer's calls on one kind of object that lives on an upstream account: the
+    object must be the customer's own (else 404, as an unknown id) and the call goes to its
+    account."""
+
+    model: ClassVar[type[Any]]
+    id_param: ClassVar[str]  # the route's path parameter
+    path: ClassVar[str]  # the upstream collection: the object is ``{path}/{id}``
+    noun: ClassVar[str]  # "<noun> not found: {id}"
+    what: ClassVar[str]  # "the upstream account that holds this <what>"
+    services: Services
+
+    async def _own(self, key: KeyContext, object_id: str) -> OwnedT:
+        async with self.services.db.transaction() as session:
+            found: OwnedT | None = await session.get(self.model, object_id)
+        if found is None or found.customer_id != key.customer_id or found.deleted_at is not None:
+            raise errors.not_found(f"{self.noun} not found: {object_id}")
+        return found
+
+    async def _forward(
+        self, request: Request, method: str, suffix: str = ""
+    ) -> Forwarded[OwnedT] | Response:
+        """The customer's call on its object, sent to the object's account (or the error
+        answer: unauthenticated, not the customer's, account gone or silent)."""
+        request_id = new_id("req")
+        try:
+            key = await self.services.keys.authenticate(request.headers)
+            found = await self._own(key, request.path_params[self.id_param])
+            account = await owner_of(self.services, found.account_id, self.what)
+            upstream = await call_owner(
+                self.services, account, request, method, f"{self.path}/{found.id}{suffix}"
+            )
+        except (ApiError, BillingError, PoolError) as exc:
+            return errors.anthropic_response(to_api_error(exc), request_id)
+        return Forwarded(request_id, found, upstream)
