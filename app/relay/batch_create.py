@@ -39,14 +39,11 @@ from billing.batch_billing import (
 )
 from billing.budgets import Budget, Reservation
 from billing.customers import KeyContext
-from billing.errors import BillingError
 from billing.holds import HoldRequest, Outcome
 from billing.ids import new_id
 from billing.owned import MessageBatch
 from billing.pricing import Price
-from billing.request_log import Entry
 from pool.accounts import LiveAccount
-from pool.errors import PoolError
 
 log = logging.getLogger("poolrelay.batches")
 
@@ -202,24 +199,7 @@ class BatchCreator:
         err = to_api_error(exc)
         if err.status == 500:
             log.error("batch %s refused by an unexpected error", request_id, exc_info=exc)
-        # a failure that may have left the hold written keeps that hold's own row
-        if key is not None and isinstance(exc, ApiError | BillingError | PoolError):
-            await self.relay.record_unbilled(
-                Entry(
-                    request_id=request_id,
-                    customer_id=key.customer_id,
-                    key_id=key.key_id,
-                    endpoint=BATCH_ENDPOINT,
-                    requested_model=model,
-                    instance_id=self.services.instance_id,
-                    outcome=Outcome(
-                        status="refused",
-                        http_status=err.status,
-                        error=err.message,
-                        duration_ms=int((time.monotonic() - started) * 1000),
-                    ),
-                )
-            )
+        await self.relay.record_refusal(exc, err, request_id, key, BATCH_ENDPOINT, model, started)
         return errors.anthropic_response(err, request_id)
 
     async def _unrecorded(

@@ -338,27 +338,56 @@ class Relay:
             customer_id=key.customer_id if key else None,
             key_id=key.key_id if key else None,
         )
-        if key is not None and isinstance(exc, errors.ApiError | BillingError | PoolError):
-            model = body.get("model") if body is not None else None
-            await self.record_unbilled(
-                Entry(
-                    request_id=request_id,
-                    customer_id=key.customer_id,
-                    key_id=key.key_id,
-                    endpoint=edge.endpoint,
-                    requested_model=model if isinstance(model, str) else None,
-                    stream=bool(body.get("stream")) if body is not None else False,
-                    instance_id=self.services.instance_id,
-                    session_id=session,
-                    outcome=Outcome(
-                        status="refused",
-                        http_status=err.status,
-                        error=err.message,
-                        duration_ms=int((time.monotonic() - started) * 1000),
-                    ),
-                )
-            )
+        model = body.get("model") if body is not None else None
+        await self.record_refusal(
+            exc,
+            err,
+            request_id,
+            key,
+            edge.endpoint,
+            model if isinstance(model, str) else None,
+            started,
+            stream=bool(body.get("stream")) if body is not None else False,
+            session=session,
+        )
         return edge.render_error(err, request_id)
+
+    async def record_refusal(
+        self,
+        exc: Exception,
+        err: errors.ApiError,
+        request_id: str,
+        key: KeyContext | None,
+        endpoint: str,
+        model: str | None,
+        started: float,
+        *,
+        stream: bool = False,
+        session: str | None = None,
+    ) -> None:
+        """The request-log row of an authenticated request the relay refused, when the refusal
+        is certain (an expected one): a failure that may have left a hold written keeps that
+        hold's own row."""
+        if key is None or not isinstance(exc, errors.ApiError | BillingError | PoolError):
+            return
+        await self.record_unbilled(
+            Entry(
+                request_id=request_id,
+                customer_id=key.customer_id,
+                key_id=key.key_id,
+                endpoint=endpoint,
+                requested_model=model,
+                stream=stream,
+                instance_id=self.services.instance_id,
+                session_id=session,
+                outcome=Outcome(
+                    status="refused",
+                    http_status=err.status,
+                    error=err.message,
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                ),
+            )
+        )
 
     async def record_unbilled(self, entry: Entry) -> None:
         """The request-log row of a request that held nothing (best effort: a log row never
