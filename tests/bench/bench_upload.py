@@ -22,12 +22,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+
+from tests.bench.bench_relay import RssSampler
 
 ADMIN_TOKEN = "bench-admin-" + secrets.token_hex(8)
 CREDENTIAL = "sk-ant-api03-bench-upload-0001"
@@ -55,29 +56,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-class Sampler:
-    """The peak VmRSS of a process while a block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb(self.pid))
-            time.sleep(0.05)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], path: str) -> None:
@@ -175,7 +153,7 @@ def main() -> None:
         boundary = "bench" + secrets.token_hex(8)
         body, length = multipart(size, boundary)
         started = time.monotonic()
-        with Sampler(relay.pid) as during_upload:
+        with RssSampler(relay.pid) as during_upload:
             r = client.post(
                 "/v1/files",
                 content=body,
@@ -193,7 +171,7 @@ def main() -> None:
         started = time.monotonic()
         received = 0
         with (
-            Sampler(relay.pid) as during_download,
+            RssSampler(relay.pid) as during_download,
             client.stream(
                 "GET",
                 f"/v1/files/{meta['id']}/content",
@@ -209,12 +187,12 @@ def main() -> None:
         print(f"file: {mib:.0f} MiB (stored upstream: {meta['size_bytes']} bytes)")
         print(f"relay RSS before:            {before:7.1f} MB")
         print(
-            f"relay RSS peak, upload:      {during_upload.peak:7.1f} MB"
+            f"relay RSS peak, upload:      {during_upload.peak_kb / 1024:7.1f} MB"
             f"   ({mib / upload_s:.0f} MiB/s, {upload_s:.1f} s)"
         )
         print(f"relay RSS after upload:      {after_upload:7.1f} MB")
         print(
-            f"relay RSS peak, download:    {during_download.peak:7.1f} MB"
+            f"relay RSS peak, download:    {during_download.peak_kb / 1024:7.1f} MB"
             f"   ({received / (1024 * 1024) / download_s:.0f} MiB/s, {download_s:.1f} s)"
         )
         print(f"relay RSS after download:    {after_download:7.1f} MB")
