@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pytest
 from billing.batch_billing import batch_hold_micros
 from billing.pricing import SEED_PRICES
 from tests.conftest import needs_postgres_and_redis
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import FakeUpstream, RelayServer, start_worker
 from workers import tasks
 
 KEY_A = "sk-ant-api03-batches-alpha-0001"
@@ -457,15 +456,7 @@ def test_the_worker_settles_ended_batches(
     time.sleep(0.8)  # ended upstream, unseen by the relay
     assert setup.usage_entries() == []
     log = tmp_path / "worker.log"
-    env = {**os.environ, **settings_env, "POOLRELAY_BATCH_POLL_SECONDS": "1"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_worker({**settings_env, "POOLRELAY_BATCH_POLL_SECONDS": "1"}, log)
     try:
         wait_for(lambda: setup.held_micros() == 0, "the worker to settle the batch")
         assert proc.poll() is None, log.read_text()

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ import sqlalchemy as sa
 from app.oversight import delivery, signals
 from app.oversight.models import WebhookEvent
 from tests.conftest import needs_postgres_and_redis
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import FakeUpstream, RelayServer, start_worker
 from tests.harness import test_settings as relay_settings
 from tests.test_cli import database_text
 from tests.webhook_receiver import Receiver
@@ -366,15 +365,7 @@ def test_poolrelay_worker_delivers(
     and delivers it, 500 then 200, the same event id."""
     assert not relay.settings.run_jobs_in_process
     log = tmp_path / "worker.log"
-    env = {**os.environ, **settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_worker({**settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}, log)
     try:
         with relay.admin() as admin:
             hook = register(admin, receiver.url, ["customer.balance_low"])

@@ -22,7 +22,7 @@ from app import instances
 from billing import holds
 from billing.holds import HoldRequest
 from tests.conftest import REDIS_URL
-from tests.harness import FakeUpstream, RelayServer
+from tests.harness import FakeUpstream, RelayServer, start_worker
 from workers import tasks
 
 MODEL = "claude-haiku-4-5"
@@ -129,15 +129,7 @@ def test_worker_probes_and_reconciles(
     # Redis has been up for long (a fresh epoch would make the worker wait for heartbeats)
     relay.call(lambda: age_redis_memory(relay.services.redis))
     log = tmp_path / "worker.log"
-    env = {**os.environ, **settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_worker({**settings_env, "POOLRELAY_LOG_LEVEL": "INFO"}, log)
     try:
         # both jobs run at the worker's start-up, then on their timers
         recovered = wait_for(
