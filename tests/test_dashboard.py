@@ -235,6 +235,26 @@ def populated(relay: RelayServer, fake: FakeUpstream) -> dict[str, Any]:
     }
 
 
+def assert_strict_csp(policy: str, body: str) -> dict[str, list[str]]:
+    """The operator pages' CSP: nothing by default, fetches to the same origin only, never
+    framed, and exactly the page's own inline scripts and styles, by hash. Returns the
+    policy's directives."""
+    csp = {part.split()[0]: part.split()[1:] for part in policy.split(";")}
+    assert csp["default-src"] == ["'none'"]
+    assert csp["connect-src"] == ["'self'"]
+    assert csp["frame-ancestors"] == ["'none'"]
+    for kind in ("script", "style"):
+        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", body, re.DOTALL)
+        assert blocks, kind
+        hashes = [
+            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+            for b in blocks
+        ]
+        assert csp[f"{kind}-src"] == hashes
+    assert "unsafe-inline" not in policy
+    return csp
+
+
 def test_dashboard_renders_live_data(
     relay: RelayServer, populated: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -334,22 +354,7 @@ def test_login_form_without_token_and_no_data_through_the_page(
     assert authed.content == response.content
 
     # A strict CSP that admits exactly the page's inline script and style, by hash.
-    csp = {
-        part.split()[0]: part.split()[1:]
-        for part in response.headers["content-security-policy"].split(";")
-    }
-    assert csp["default-src"] == ["'none'"]
-    assert csp["connect-src"] == ["'self'"]
-    assert csp["frame-ancestors"] == ["'none'"]
-    for kind in ("script", "style"):
-        blocks = re.findall(rf"<{kind}>(.*?)</{kind}>", body, re.DOTALL)
-        assert blocks, kind
-        hashes = [
-            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
-            for b in blocks
-        ]
-        assert csp[f"{kind}-src"] == hashes
-    assert "unsafe-inline" not in response.headers["content-security-policy"]
+    assert_strict_csp(response.headers["content-security-policy"], body)
 
     # The data is still behind the admin token.
     for path in (
